@@ -1,0 +1,41 @@
+"""CALM (Continuous Autoregressive Language Models) for the Hugging Face ecosystem.
+
+Importing the package registers the classes with the Auto* factories, so `AutoConfig`, `AutoModel` and
+`AutoModelForCausalLM` resolve `model_type` "calm" and "calm_autoencoder" locally, and marks them for
+`save_pretrained` to write their code and `auto_map` (remote code for users who never install the package).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_calm import CalmAutoencoderConfig, CalmConfig
+from .modeling_calm import CalmCausalLMOutput, CalmForCausalLM, CalmPreTrainedModel
+from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput
+from .modeling_calm_heads import CalmEnergyHead, CalmFlowHead, energy_score
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register("calm_autoencoder", CalmAutoencoderConfig, exist_ok=True)
+AutoConfig.register("calm", CalmConfig, exist_ok=True)
+AutoModel.register(CalmAutoencoderConfig, CalmAutoencoder, exist_ok=True)
+AutoModel.register(CalmConfig, CalmForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(CalmConfig, CalmForCausalLM, exist_ok=True)
+
+# save_pretrained / push_to_hub write the modeling files and `auto_map` for trust_remote_code loading.
+CalmAutoencoderConfig.register_for_auto_class()
+CalmAutoencoder.register_for_auto_class("AutoModel")
+CalmConfig.register_for_auto_class()
+CalmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "CalmAutoencoder",
+    "CalmAutoencoderConfig",
+    "CalmAutoencoderOutput",
+    "CalmCausalLMOutput",
+    "CalmConfig",
+    "CalmEnergyHead",
+    "CalmFlowHead",
+    "CalmForCausalLM",
+    "CalmPreTrainedModel",
+    "energy_score",
+]

@@ -1,0 +1,336 @@
+"""CALM: a Transformer that predicts the next continuous vector instead of the next token (CALM.md section 2).
+
+Shape legend used throughout the package:
+    B batch, T tokens, K tokens per chunk (`patch_size`), L = T / K chunks (autoregressive steps),
+    V vocabulary, D backbone hidden size, Z latent size, E noise size, S head samples per position
+    (`num_samples`), M target samples per position (`num_target_samples`), N valid positions (flattened).
+
+One step: the K tokens of chunk i-1 are embedded by the backbone's token embedding, concatenated and compressed
+to one D-vector (`chunk_proj`); the backbone (any transformers decoder, Llama by default) runs over the L
+compressed positions; the generative head samples the latent of chunk i from h_{i-1}; the frozen autoencoder
+decodes it into K tokens. Training targets are the autoencoder posteriors of chunks 1..L-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput, logging
+
+from .configuration_calm import CalmConfig
+from .modeling_calm_autoencoder import CalmAutoencoder, _init_calm_module
+from .modeling_calm_heads import CALM_HEADS
+
+
+logger = logging.get_logger(__name__)
+
+# Brier-n is reported for n = 1..BRIER_MAX_N (BrierLM is the geometric mean of Brier-1..4, CALM.md section 3).
+BRIER_MAX_N = 4
+
+
+@dataclass
+class CalmCausalLMOutput(ModelOutput):
+    """Output of :meth:`CalmForCausalLM.forward`.
+
+    Args:
+        loss: mean head loss over valid next-chunk targets (the negative energy score for the energy head).
+        fidelity: mean of `E||x - y||^beta` (energy head; logged).
+        diversity: mean of `E||x - x'||^beta` (energy head; logged).
+        brier: `[min(K, 4)]` Brier-1.. estimates from the first two head samples (eval mode, labels given).
+        last_hidden_state: `[B, L, D]` backbone output.
+        past_key_values: the backbone's cache when `use_cache`.
+        hidden_states, attentions: the backbone's, when asked for.
+    """
+
+    loss: torch.FloatTensor | None = None
+    fidelity: torch.FloatTensor | None = None
+    diversity: torch.FloatTensor | None = None
+    brier: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CalmChunkProjection(nn.Module):
+    """Input compression: K token embeddings `[.., K*D]` -> Linear(K*D, 2D) -> SiLU -> Linear(2D, D) -> LayerNorm."""
+
+    def __init__(self, config: CalmConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.in_proj = nn.Linear(config.patch_size * hidden, 2 * hidden)
+        self.act = nn.SiLU()
+        self.out_proj = nn.Linear(2 * hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=config.head_norm_eps)
+
+    def forward(self, token_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.out_proj(self.act(self.in_proj(token_embeddings))))
+
+
+class CalmPreTrainedModel(PreTrainedModel):
+    config_class = CalmConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CalmAutoencoderBlock", "CalmEnergyBlock", "CalmFlowBlock"]
+    # The forward computes its own per-batch mean loss: the Trainer must scale it for gradient accumulation
+    # (a `**kwargs` forward would otherwise make it pass `num_items_in_batch` and skip that; HF_NOTES.md s.4).
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, CalmAutoencoder):
+            return  # the autoencoder's own post_init initialised it (and it is loaded from a checkpoint anyway)
+        _init_calm_module(module, self.config.initializer_range)
+
+
+class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
+    """CALM language model: frozen autoencoder + input compression + transformers decoder + generative head."""
+
+    def __init__(self, config: CalmConfig):
+        super().__init__(config)
+        self.autoencoder = CalmAutoencoder(config.autoencoder_config)
+        self.model = AutoModel.from_config(config.backbone_config)
+        self.chunk_proj = CalmChunkProjection(config)
+        self.head = CALM_HEADS[config.head_type](config)
+        self._no_split_modules = list(self._no_split_modules) + list(getattr(self.model, "_no_split_modules", []))
+        self.post_init()
+        self.freeze_autoencoder()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # The frozen autoencoder
+    # ----------------------------------------------------------------------------------------------------------
+    def freeze_autoencoder(self) -> None:
+        """No gradients and eval mode for the autoencoder (its dropout must never run in stage 2)."""
+        self.autoencoder.requires_grad_(False)
+        self.autoencoder.eval()
+
+    def train(self, mode: bool = True):
+        # Trainer calls model.train() every step and from_pretrained ends with eval(), after loading fresh
+        # Parameters: both pass through here, so the autoencoder stays frozen and in eval mode whatever happens.
+        super().train(mode)
+        self.freeze_autoencoder()
+        return self
+
+    def save_pretrained(self, *args, **kwargs):
+        # `register_for_auto_class` records one Auto class; the same class also serves AutoModel.
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_autoencoder(
+        cls, autoencoder: CalmAutoencoder | str, backbone_config=None, **config_kwargs
+    ) -> CalmForCausalLM:
+        """Start stage 2: a new CALM around a trained autoencoder (an instance or a path / Hub id).
+
+        `backbone_config` and `config_kwargs` are passed to `CalmConfig`; its K and latent size come from the
+        autoencoder. The autoencoder's weights are copied in and frozen; everything else is freshly initialised.
+        """
+        if isinstance(autoencoder, str):
+            autoencoder = CalmAutoencoder.from_pretrained(autoencoder)
+        config = CalmConfig(autoencoder_config=autoencoder.config.to_dict(), backbone_config=backbone_config, **config_kwargs)
+        model = cls(config)
+        model.autoencoder.load_state_dict(autoencoder.state_dict())
+        model.to(next(autoencoder.parameters()).dtype)
+        return model
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Embeddings
+    # ----------------------------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return None  # no softmax head: tokens come from the autoencoder's decoder
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def _check_token_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"`{name}` must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0 or input_ids.shape[1] % self.config.patch_size:
+            raise ValueError(
+                f"`{name}` has {input_ids.shape[1]} tokens per row; the model reads whole chunks, so it needs a "
+                f"positive multiple of patch_size K={self.config.patch_size} (generate() handles other lengths)."
+            )
+
+    def embed_chunks(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Input compression: `[B, L*K]` token ids -> `[B, L, D]` chunk embeddings."""
+        self._check_token_ids(input_ids)
+        batch, tokens = input_ids.shape
+        embeddings = self.get_input_embeddings()(input_ids)  # [B, L*K, D]
+        return self.chunk_proj(embeddings.reshape(batch, tokens // self.config.patch_size, -1))
+
+    def chunk_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token mask `[B, T]` -> chunk mask `[B, T/K]`; a chunk must be all content or all padding."""
+        chunks = attention_mask.reshape(attention_mask.shape[0], -1, self.config.patch_size)
+        chunk_mask = chunks.amax(-1)
+        if bool((chunks.amin(-1) != chunk_mask).any()):
+            raise ValueError(
+                "`attention_mask` masks part of a chunk: padding must come in whole chunks of "
+                f"K={self.config.patch_size} tokens (pad to a multiple of K; generate() does this for prompts)."
+            )
+        return chunk_mask
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        return_brier: bool | None = None,
+        noise: torch.Tensor | None = None,
+        target_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> CalmCausalLMOutput:
+        r"""Run the backbone over chunks and, with labels, compute the head loss over next-chunk targets.
+
+        Args:
+            input_ids: `[B, T]` token ids, T a multiple of K.
+            attention_mask: `[B, T]` token mask (or `[B, L]` chunk mask); padding comes in whole chunks. With a
+                cache it covers the past chunks too.
+            labels: `[B, T]` targets (usually `input_ids`). Target chunk i+1 is predicted from h_i; a chunk
+                with any -100 label is left out.
+            inputs_embeds: `[B, L, D]` already compressed chunk embeddings (instead of `input_ids`).
+            return_brier: report Brier-1..min(K, 4) from two head samples (default: in eval mode with labels).
+            noise: explicit head noise (energy head: uniform `[S, N, E]` in [-0.5, 0.5); flow head: x0 `[N, Z]`),
+                N the valid target positions in (batch, step) order. For reproducibility and parity tests.
+            target_noise: explicit eps of the target samples (energy head `[M, N, Z]`; flow head `[N, Z]`).
+            generator: torch.Generator for every random draw of the call.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_chunks(input_ids)
+        batch, steps = inputs_embeds.shape[:2]
+
+        chunk_mask = None
+        if attention_mask is not None:
+            total = steps + self._past_length(past_key_values)  # chunks the mask must cover
+            if attention_mask.shape[-1] == total * self.config.patch_size:
+                chunk_mask = self.chunk_attention_mask(attention_mask)
+            elif attention_mask.shape[-1] == total:
+                chunk_mask = attention_mask
+            else:
+                raise ValueError(
+                    f"`attention_mask` has {attention_mask.shape[-1]} columns; it must cover the past and current "
+                    f"input as tokens ({total * self.config.patch_size}) or as chunks ({total})."
+                )
+            if position_ids is None:
+                # Count positions from the first real chunk, so left padding does not shift them.
+                position_ids = (chunk_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -steps:]
+
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=chunk_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache if use_cache is not None else False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state  # [B, L, D]
+
+        loss = fidelity = diversity = brier = None
+        if labels is not None:
+            loss, fidelity, diversity, brier = self._next_chunk_loss(
+                hidden, labels, chunk_mask, return_brier, noise, target_noise, generator
+            )
+        return CalmCausalLMOutput(
+            loss=loss,
+            fidelity=fidelity,
+            diversity=diversity,
+            brier=brier,
+            last_hidden_state=hidden,
+            past_key_values=outputs.past_key_values if use_cache else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @staticmethod
+    def _past_length(past_key_values) -> int:
+        if past_key_values is None:
+            return 0
+        length = past_key_values.get_seq_length()
+        return int(length)
+
+    def _next_chunk_loss(self, hidden, labels, chunk_mask, return_brier, noise, target_noise, generator):
+        k = self.config.patch_size
+        self._check_token_ids(labels, "labels")
+        if labels.shape[0] != hidden.shape[0] or labels.shape[1] != hidden.shape[1] * k:
+            raise ValueError(
+                f"`labels` shape {tuple(labels.shape)} must match the input: [{hidden.shape[0]}, {hidden.shape[1] * k}]."
+            )
+        label_chunks = labels.reshape(labels.shape[0], -1, k)[:, 1:]  # [B, L-1, K] targets of h_0..h_{L-2}
+        valid = (label_chunks != -100).all(-1)  # [B, L-1]
+        if chunk_mask is not None:
+            # Neither the conditioning chunk nor the target chunk may be padding.
+            valid &= chunk_mask[:, :-1].bool() & chunk_mask[:, 1:].bool()
+        hidden_valid = hidden[:, :-1][valid]  # [N, D], (batch, step) order
+        targets = label_chunks[valid]  # [N, K]
+        if targets.shape[0] == 0:
+            zero = hidden.sum() * 0.0  # keeps the graph (and DDP) happy when a batch has no target
+            return zero, None, None, None
+
+        with torch.no_grad():
+            target_mean, target_log_std = self.autoencoder.encode(targets)  # [N, 1, Z]
+        head_loss = self.head.loss(
+            hidden_valid,
+            target_mean[:, 0],
+            target_log_std[:, 0],
+            noise=noise,
+            target_noise=target_noise,
+            generator=generator,
+        )
+        loss = head_loss.loss.mean()
+        fidelity = head_loss.fidelity.mean().detach() if head_loss.fidelity is not None else None
+        diversity = head_loss.diversity.mean().detach() if head_loss.diversity is not None else None
+
+        brier = None
+        if return_brier or (return_brier is None and not self.training):
+            with torch.no_grad():
+                samples = head_loss.samples
+                if samples is None:
+                    samples = self.head.sample(hidden_valid.unsqueeze(0).expand(2, -1, -1), generator=generator)
+                predictions = self.autoencoder.decode(samples[:2].unsqueeze(-2)).argmax(-1)  # [2, N, K]
+                brier = _brier_from_samples(predictions[0], predictions[1], targets, min(k, BRIER_MAX_N))
+        return loss, fidelity, diversity, brier
+
+
+def _brier_from_samples(first: torch.Tensor, second: torch.Tensor, targets: torch.Tensor, max_n: int) -> torch.Tensor:
+    """Mean Brier-1..max_n over positions from two samples `[N, >=n]` and targets `[N, >=n]`.
+
+    Brier-n estimate at a position: 1{x1[:n] = y[:n]} + 1{x2[:n] = y[:n]} - 1{x1[:n] = x2[:n]} (unbiased for
+    2 P(y) - sum_x P(x)^2 on n-grams); the running products make "all of the first n tokens equal".
+    """
+    first, second, targets = first[:, :max_n], second[:, :max_n], targets[:, :max_n]
+    hit1 = (first == targets).long().cumprod(-1)
+    hit2 = (second == targets).long().cumprod(-1)
+    same = (first == second).long().cumprod(-1)
+    return (hit1 + hit2 - same).float().mean(0)

@@ -1,0 +1,339 @@
+"""The CALM autoencoder: K tokens <-> one continuous vector, context-free (CALM.md section 1).
+
+Shapes: B batch, T tokens, K tokens per chunk (`patch_size`), L = T / K chunks, V vocabulary, H hidden size,
+Z latent size.
+
+Encoder (per chunk, no attention between chunks):
+    ids [B, T] -> embed [B*L, K, H] -> n/2 residual SwiGLU blocks per token -> flatten [B*L, 1, K*H]
+    -> squeeze Linear(K*H, H) -> n/2 blocks -> RMSNorm -> Linear(H, 2Z) -> mean, log_std [B, L, Z]
+Decoder (the mirror image):
+    latents [B, L, Z] -> Linear(Z, H) -> n/2 blocks -> expand Linear(H, K*H) -> [B*L, K, H] -> n/2 blocks
+    -> RMSNorm -> logits = hidden @ E^T [B, T, V] (tied to the encoder's token embedding E)
+
+Training is variational with the paper's "robust latent space" recipe: input token dropout, reparameterised
+sampling, latent dropout, and a KL term clamped per dimension from below ("KL clipping").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput, logging
+
+from .configuration_calm import CalmAutoencoderConfig
+
+
+logger = logging.get_logger(__name__)
+
+# Token id written over dropped input tokens (the authors use 0; any fixed id works, the decoder never sees it).
+DROPPED_TOKEN_ID = 0
+
+
+@dataclass
+class CalmAutoencoderOutput(ModelOutput):
+    """Output of :meth:`CalmAutoencoder.forward`.
+
+    Args:
+        loss: training: `K * cross_entropy + kl_weight * kl_loss`; eval: plain token cross-entropy.
+        logits: `[B, T, V]` reconstruction logits.
+        accuracy: share of (non -100) label tokens whose argmax reconstruction is right.
+        reconstruction_loss: token cross-entropy (mean over labelled tokens).
+        kl_loss: clamped KL, summed over Z and averaged over chunks.
+        latent_mean, latent_log_std: `[B, L, Z]` posterior parameters.
+        latents: `[B, L, Z]` the latents that were decoded.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    accuracy: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    kl_loss: torch.FloatTensor | None = None
+    latent_mean: torch.FloatTensor | None = None
+    latent_log_std: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+
+
+class CalmRMSNorm(nn.Module):
+    """RMSNorm computed in float32, as in Llama (the reference uses the same arithmetic)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(dtype)
+
+
+class CalmAutoencoderMLP(nn.Module):
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CalmAutoencoderBlock(nn.Module):
+    """Pre-norm residual block `x + MLP(RMSNorm(x))`, applied to every position on its own."""
+
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__()
+        self.norm = CalmRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CalmAutoencoderMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class CalmAutoencoderEncoder(nn.Module):
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__()
+        hidden, k = config.hidden_size, config.patch_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.layers = nn.ModuleList(CalmAutoencoderBlock(config) for _ in range(config.num_encoder_layers))
+        self.squeeze_proj = nn.Linear(k * hidden, hidden)
+        self.norm = CalmRMSNorm(hidden, config.rms_norm_eps)
+        self.latent_proj = nn.Linear(hidden, 2 * config.latent_size)
+        self.patch_size = k
+
+    def forward(self, chunk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # chunk_ids: [N, K] -> mean, log_std [N, Z]
+        x = self.embed_tokens(chunk_ids)  # [N, K, H]
+        half = len(self.layers) // 2
+        for layer in self.layers[:half]:
+            x = layer(x)
+        x = self.squeeze_proj(x.flatten(1))  # [N, H]
+        for layer in self.layers[half:]:
+            x = layer(x)
+        mean, log_std = self.latent_proj(self.norm(x)).chunk(2, dim=-1)
+        return mean, log_std
+
+
+class CalmAutoencoderDecoder(nn.Module):
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__()
+        hidden, k = config.hidden_size, config.patch_size
+        self.latent_proj = nn.Linear(config.latent_size, hidden)
+        self.layers = nn.ModuleList(CalmAutoencoderBlock(config) for _ in range(config.num_decoder_layers))
+        self.expand_proj = nn.Linear(hidden, k * hidden)
+        self.norm = CalmRMSNorm(hidden, config.rms_norm_eps)
+        self.patch_size = k
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        # latents: [N, Z] -> hidden states [N, K, H]
+        x = self.latent_proj(latents)
+        half = len(self.layers) // 2
+        for layer in self.layers[:half]:
+            x = layer(x)
+        x = self.expand_proj(x).unflatten(-1, (self.patch_size, -1))  # [N, K, H]
+        for layer in self.layers[half:]:
+            x = layer(x)
+        return self.norm(x)
+
+
+def _init_calm_module(module: nn.Module, std: float) -> None:
+    """Initialisation shared by the autoencoder and the language model's own layers.
+
+    | module            | weight                | bias |
+    |-------------------|-----------------------|------|
+    | Linear, Embedding | N(0, initializer_range) | 0  |
+    | LayerNorm         | 1                     | 0    |
+    | RMSNorm           | 1                     | -    |
+    A Linear marked `_calm_zero_init` (the generative heads' output layers) starts at 0: the head then
+    begins by predicting the mean latent, and its first updates do not fight a random projection.
+    """
+    if isinstance(module, nn.Linear):
+        if getattr(module, "_calm_zero_init", False):
+            init.zeros_(module.weight)
+        else:
+            init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            init.ones_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, CalmRMSNorm):
+        init.ones_(module.weight)
+
+
+class CalmAutoencoderPreTrainedModel(PreTrainedModel):
+    config_class = CalmAutoencoderConfig
+    base_model_prefix = "autoencoder"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["CalmAutoencoderBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        _init_calm_module(module, self.config.initializer_range)
+
+
+class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
+    """Chunk autoencoder of CALM. Usable alone, e.g. as a chunk embedding model (`encode(...)[0]`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "encoder.embed_tokens.weight"}
+
+    def __init__(self, config: CalmAutoencoderConfig):
+        super().__init__(config)
+        self.encoder = CalmAutoencoderEncoder(config)
+        self.decoder = CalmAutoencoderDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.encoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"`{name}` must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0 or input_ids.shape[1] % self.config.patch_size:
+            raise ValueError(
+                f"`{name}` has {input_ids.shape[1]} tokens per row; the autoencoder needs a positive multiple of "
+                f"patch_size K={self.config.patch_size}."
+            )
+
+    def encode(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior of every chunk.
+
+        Args:
+            input_ids: `[B, T]` token ids, T a multiple of K.
+        Returns:
+            `(latent_mean, latent_log_std)`, each `[B, T / K, Z]`. The mean is the deterministic chunk code.
+        """
+        self._check_ids(input_ids)
+        batch = input_ids.shape[0]
+        mean, log_std = self.encoder(input_ids.reshape(-1, self.config.patch_size))
+        return mean.view(batch, -1, mean.shape[-1]), log_std.view(batch, -1, log_std.shape[-1])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Logits of the K tokens of every latent.
+
+        Args:
+            latents: `[..., L, Z]` latent vectors.
+        Returns:
+            `[..., L * K, V]` logits; `argmax(-1)` reads off the tokens.
+        """
+        if latents.shape[-1] != self.config.latent_size:
+            raise ValueError(
+                f"`latents` must end in latent_size={self.config.latent_size}, got shape {tuple(latents.shape)}."
+            )
+        lead = latents.shape[:-2]
+        hidden = self.decoder(latents.reshape(-1, latents.shape[-1]))  # [N, K, H]
+        logits = self.lm_head(hidden)
+        return logits.view(*lead, -1, logits.shape[-1])
+
+    @torch.no_grad()
+    def decode_tokens(self, latents: torch.Tensor) -> torch.LongTensor:
+        """Argmax tokens of every latent: `[..., L, Z]` -> `[..., L * K]`."""
+        return self.decode(latents).argmax(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        sample_latents: bool = True,
+        latent_noise_std: float = 0.0,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CalmAutoencoderOutput:
+        r"""Encode, sample a latent, decode.
+
+        Args:
+            input_ids: `[B, T]`, T a multiple of K.
+            labels: `[B, T]` reconstruction targets (usually `input_ids`); -100 is ignored. The loss is
+                computed when labels are given; accuracy is measured against labels, else against `input_ids`.
+            attention_mask: accepted for `Trainer`/collator compatibility; positions with 0 are left out of the
+                loss and accuracy (the autoencoder itself is context-free).
+            sample_latents: draw `z = mean + std * eps` (the paper does, in eval mode too); `False` decodes the
+                posterior mean, the deterministic code.
+            latent_noise_std: extra Gaussian noise of this std added to z (robustness checks, CALM.md section 1).
+            noise: explicit `eps` for the reparameterisation, any shape with `B * L * Z` elements (reproducibility).
+            generator: torch.Generator for eps when `noise` is None.
+        """
+        self._check_ids(input_ids)
+        if latent_noise_std < 0:
+            raise ValueError(f"`latent_noise_std` must be >= 0, got {latent_noise_std}.")
+        config = self.config
+        targets = input_ids if labels is None else labels
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` shape {tuple(labels.shape)} must equal `input_ids` {tuple(input_ids.shape)}.")
+        if attention_mask is not None:
+            targets = targets.masked_fill(attention_mask == 0, -100)
+
+        encoder_ids = input_ids
+        if self.training and config.ae_dropout > 0:
+            # Input token dropout: the encoder learns codes that survive corrupted chunks.
+            drop = torch.rand(input_ids.shape, device=input_ids.device, generator=generator) < config.ae_dropout
+            encoder_ids = input_ids.masked_fill(drop, DROPPED_TOKEN_ID)
+        mean, log_std = self.encode(encoder_ids)  # [B, L, Z]
+
+        latents = mean
+        if sample_latents:
+            if noise is None:
+                noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
+            latents = mean + noise.reshape(mean.shape).to(mean.dtype) * torch.exp(log_std)
+        if latent_noise_std > 0:
+            latents = latents + latent_noise_std * torch.randn(
+                latents.shape, device=latents.device, dtype=latents.dtype, generator=generator
+            )
+        if self.training and config.ae_dropout > 0:
+            latents = F.dropout(latents, p=config.ae_dropout, training=True)
+
+        logits = self.decode(latents)  # [B, T, V]
+        flat_targets = targets.reshape(-1)
+        valid = flat_targets != -100
+        predictions = logits.argmax(-1).reshape(-1)
+        accuracy = (predictions[valid] == flat_targets[valid]).float().mean() if valid.any() else None
+
+        loss = reconstruction_loss = kl_loss = None
+        if labels is not None:
+            reconstruction_loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), flat_targets, ignore_index=-100
+            )
+            # KL(q || N(0, I)) per dimension, clamped from below ("KL clipping"), summed over Z, mean over chunks.
+            kl = 0.5 * (mean.float().pow(2) + torch.exp(2 * log_std.float()) - 1 - 2 * log_std.float())
+            kl_loss = kl.clamp(min=config.kl_clamp).sum(-1).mean()
+            if self.training:
+                loss = config.patch_size * reconstruction_loss + config.kl_weight * kl_loss
+            else:
+                loss = reconstruction_loss
+
+        return CalmAutoencoderOutput(
+            loss=loss,
+            logits=logits,
+            accuracy=accuracy,
+            reconstruction_loss=reconstruction_loss,
+            kl_loss=kl_loss,
+            latent_mean=mean,
+            latent_log_std=log_std,
+            latents=latents,
+        )

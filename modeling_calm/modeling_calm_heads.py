@@ -1,0 +1,336 @@
+"""Generative heads of CALM and the energy score (CALM.md section 2).
+
+A head owns both its training loss (`loss`) and its sampler (`sample`), as in MAR/DiT. Both are conditioned on
+the backbone's hidden state h of the previous step.
+
+Shapes: N positions (flattened batch x steps), D backbone hidden size, Z latent size, S head samples per position
+(`num_samples`), M target samples per position (`num_target_samples`), E noise size (`noise_size`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_calm import CalmConfig
+
+
+# Squared distances below this are treated as this value before taking powers: d^beta has an infinite
+# derivative at d = 0 (identical samples, e.g. a zero-initialised head), which would turn gradients into NaN.
+_MIN_SQUARED_DISTANCE = 1e-12
+
+
+def energy_score(
+    samples: torch.Tensor,
+    target_mean: torch.Tensor,
+    target_log_std: torch.Tensor,
+    beta: float = 1.0,
+    num_target_samples: int = 100,
+    target_noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Energy score of model samples against the target posterior N(mean, diag(exp(log_std))^2).
+
+    With head samples x_1..x_S and target samples y_m = mean + exp(log_std) * eps_m, m = 1..M:
+
+        fidelity  = 1/(S M)     sum_{s,m}    ||x_s - y_m||^beta
+        diversity = 1/(S (S-1)) sum_{s != k} ||x_s - x_k||^beta
+        score     = diversity - 2 * fidelity          (higher is better; the loss is -score)
+
+    The score is a strictly proper scoring rule for beta in (0, 2), estimated without bias by these sums.
+    Distances are computed in float32 through Gram matrices ([N, S, M] and [N, S, S]), never materialising
+    [N, S, M, Z] differences.
+
+    Args:
+        samples: `[S, N, Z]` head samples (S >= 2).
+        target_mean, target_log_std: `[N, Z]` posterior of the target chunk.
+        beta: exponent of the distances.
+        num_target_samples: M, used when `target_noise` is None.
+        target_noise: explicit eps `[M, N, Z]` (reproducibility and parity tests).
+        generator: torch.Generator for eps.
+    Returns:
+        `(score, fidelity, diversity)`, each `[N]`.
+    """
+    if samples.dim() != 3 or samples.shape[0] < 2:
+        raise ValueError(f"`samples` must be [S>=2, N, Z], got {tuple(samples.shape)}.")
+    if target_mean.shape != samples.shape[1:] or target_log_std.shape != samples.shape[1:]:
+        raise ValueError(
+            f"target mean/log_std shapes {tuple(target_mean.shape)}/{tuple(target_log_std.shape)} must equal "
+            f"the samples' [N, Z] = {tuple(samples.shape[1:])}."
+        )
+    x = samples.float().transpose(0, 1)  # [N, S, Z]
+    mean, std = target_mean.float(), torch.exp(target_log_std.float())
+    if target_noise is None:
+        target_noise = torch.randn(
+            (num_target_samples, *mean.shape), device=mean.device, dtype=torch.float32, generator=generator
+        )
+    y = (mean + target_noise.float() * std).transpose(0, 1)  # [N, M, Z]
+    half_beta = beta / 2.0
+
+    def pairwise_power(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # ||a_i - b_j||^beta for all pairs: [N, I, Z] x [N, J, Z] -> [N, I, J]
+        squared = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ b.transpose(-1, -2)
+        return squared.clamp_min(_MIN_SQUARED_DISTANCE).pow(half_beta)
+
+    num_samples = x.shape[1]
+    fidelity = pairwise_power(x, y).mean(dim=(-1, -2))  # [N]
+    between = pairwise_power(x, x)  # [N, S, S]; the diagonal is excluded below
+    off_diagonal = ~torch.eye(num_samples, dtype=torch.bool, device=x.device)
+    diversity = between[:, off_diagonal].sum(-1) / (num_samples * (num_samples - 1))
+    return diversity - 2 * fidelity, fidelity, diversity
+
+
+def energy_score_ref(samples, target_mean, target_log_std, beta=1.0, target_noise=None):
+    """Slow, obviously correct double loop over sample pairs (tests compare `energy_score` with it)."""
+    num_samples, positions, _ = samples.shape
+    y = target_mean + target_noise * torch.exp(target_log_std)  # [M, N, Z]
+    scores = torch.empty(positions, dtype=torch.float64)
+    for n in range(positions):
+        fid = sum(
+            torch.linalg.vector_norm(samples[s, n].double() - y[m, n].double()) ** beta
+            for s in range(num_samples)
+            for m in range(y.shape[0])
+        ) / (num_samples * y.shape[0])
+        div = sum(
+            torch.linalg.vector_norm(samples[s, n].double() - samples[k, n].double()) ** beta
+            for s in range(num_samples)
+            for k in range(num_samples)
+            if s != k
+        ) / (num_samples * (num_samples - 1))
+        scores[n] = div - 2 * fid
+    return scores
+
+
+@dataclass
+class CalmHeadLoss:
+    """Per-position head loss `[N]` and, for the energy head, its two terms (for logging)."""
+
+    loss: torch.Tensor
+    fidelity: torch.Tensor | None = None
+    diversity: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
+
+
+class CalmEnergyBlock(nn.Module):
+    """Residual block `x + down_proj(SiLU(g) * v)`, `(g, v) = MLP([LayerNorm(x), c])` (conditioning c)."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.fc1 = nn.Linear(2 * hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 2 * hidden)
+        self.down_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.norm(x), condition], dim=-1)
+        h = self.fc3(F.silu(self.fc2(F.silu(self.fc1(h)))))
+        gate, value = h.chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * value)
+
+
+class CalmHeadOutputLayer(nn.Module):
+    """LayerNorm -> Linear(D, D) -> SiLU -> Linear(D, Z), the last Linear zero-initialised."""
+
+    def __init__(self, hidden: int, latent: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, latent)
+        self.fc2._calm_zero_init = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(self.norm(x))))
+
+
+class CalmEnergyHead(nn.Module):
+    """Single-step generative head trained with the energy score (the paper's default).
+
+    The sample is a deterministic function of uniform noise u ~ U[-0.5, 0.5]^E and the hidden state h:
+    x = noise embedding, c = hidden embedding, then residual blocks on x conditioned on c.
+    """
+
+    def __init__(self, config: CalmConfig):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.head_norm_eps
+        self.noise_size = config.noise_size
+        self.latent_size = config.latent_size
+        self.num_samples = config.num_samples
+        self.num_target_samples = config.num_target_samples
+        self.beta = float(config.beta)
+        self.noise_proj = nn.Linear(config.noise_size, hidden)
+        self.noise_norm = nn.LayerNorm(hidden, eps=eps)
+        self.hidden_proj = nn.Linear(hidden, hidden)
+        self.hidden_norm = nn.LayerNorm(hidden, eps=eps)
+        self.blocks = nn.ModuleList(CalmEnergyBlock(hidden, eps) for _ in range(config.num_mlp_layers))
+        self.output = CalmHeadOutputLayer(hidden, config.latent_size, eps)
+
+    def draw_noise(self, shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform noise in [-0.5, 0.5), float32, of shape `[*shape, E]`."""
+        return torch.rand((*shape, self.noise_size), device=device, generator=generator) - 0.5
+
+    def sample(
+        self,
+        hidden_states: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One latent per hidden state: `[..., D]` -> `[..., Z]`.
+
+        Args:
+            hidden_states: `[..., D]` conditioning states.
+            noise: explicit uniform noise `[..., E]` in [-0.5, 0.5) (reproducibility); drawn when None.
+            generator: torch.Generator for the noise.
+        """
+        if noise is None:
+            noise = self.draw_noise(hidden_states.shape[:-1], hidden_states.device, generator)
+        elif noise.shape != (*hidden_states.shape[:-1], self.noise_size):
+            raise ValueError(
+                f"`noise` must have shape {(*hidden_states.shape[:-1], self.noise_size)}, got {tuple(noise.shape)}."
+            )
+        x = self.noise_norm(self.noise_proj(noise.to(hidden_states.dtype)))
+        condition = self.hidden_norm(self.hidden_proj(hidden_states))
+        for block in self.blocks:
+            x = block(x, condition)
+        return self.output(x)
+
+    def loss(
+        self,
+        hidden_states: torch.Tensor,
+        target_mean: torch.Tensor,
+        target_log_std: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        target_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CalmHeadLoss:
+        """Negative energy score per position.
+
+        Args:
+            hidden_states: `[N, D]`; target_mean, target_log_std: `[N, Z]`.
+            noise: `[S, N, E]` head noise; target_noise: `[M, N, Z]` eps of the target samples.
+        """
+        num = hidden_states.shape[0]
+        if noise is None:
+            noise = self.draw_noise((self.num_samples, num), hidden_states.device, generator)
+        samples = self.sample(hidden_states.unsqueeze(0).expand(noise.shape[0], -1, -1), noise=noise)  # [S, N, Z]
+        score, fidelity, diversity = energy_score(
+            samples,
+            target_mean,
+            target_log_std,
+            beta=self.beta,
+            num_target_samples=self.num_target_samples,
+            target_noise=target_noise,
+            generator=generator,
+        )
+        return CalmHeadLoss(loss=-score, fidelity=fidelity, diversity=diversity, samples=samples)
+
+
+def _timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of flow times t in [0, 1] (scaled by 1000 as in DiT): `[N]` -> `[N, dim]`."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[..., None] * freqs
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class CalmFlowBlock(nn.Module):
+    """adaLN-Zero residual MLP block: the condition sets shift, scale and gate of each block."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, eps=eps, elementwise_affine=False)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.modulation = nn.Linear(hidden, 3 * hidden)
+        self.modulation._calm_zero_init = True  # every block starts as the identity
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.modulation(F.silu(condition)).chunk(3, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        return x + gate * self.fc2(F.silu(self.fc1(h)))
+
+
+class CalmFlowHead(nn.Module):
+    """Flow-matching head (rectified flow): learns the velocity from noise x0 ~ N(0, I) to the target latent.
+
+    Training: t ~ U(0, 1), x_t = (1 - t) x0 + t y, loss = ||v(x_t, t, h) - (y - x0)||^2 summed over Z, with y a
+    sample of the target posterior. Sampling: `flow_num_steps` Euler steps from t = 0 to 1.
+    """
+
+    def __init__(self, config: CalmConfig):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.head_norm_eps
+        self.latent_size = config.latent_size
+        self.num_steps = config.flow_num_steps
+        self.input_proj = nn.Linear(config.latent_size, hidden)
+        self.time_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.hidden_proj = nn.Linear(hidden, hidden)
+        self.blocks = nn.ModuleList(CalmFlowBlock(hidden, eps) for _ in range(max(config.num_mlp_layers, 1)))
+        self.output = CalmHeadOutputLayer(hidden, config.latent_size, eps)
+        self.hidden_size = hidden
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """v(x_t, t | h): `x [..., Z]`, `t [...]`, `hidden_states [..., D]` -> `[..., Z]`."""
+        condition = self.hidden_proj(hidden_states) + self.time_proj(
+            _timestep_embedding(t, self.hidden_size).to(hidden_states.dtype)
+        )
+        h = self.input_proj(x.to(hidden_states.dtype))
+        for block in self.blocks:
+            h = block(h, condition)
+        return self.output(h)
+
+    def sample(
+        self,
+        hidden_states: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """`[..., D]` -> `[..., Z]` by Euler integration; `noise` is the start point x0 `[..., Z]`."""
+        steps = self.num_steps if num_steps is None else num_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"`num_steps` must be an integer >= 1, got {steps!r}.")
+        shape = (*hidden_states.shape[:-1], self.latent_size)
+        if noise is None:
+            noise = torch.randn(shape, device=hidden_states.device, generator=generator)
+        elif noise.shape != shape:
+            raise ValueError(f"`noise` must have shape {shape}, got {tuple(noise.shape)}.")
+        x = noise.float()
+        dt = 1.0 / steps
+        for i in range(steps):
+            t = torch.full(shape[:-1], i * dt, device=x.device)
+            x = x + dt * self.velocity(x, t, hidden_states).float()
+        return x.to(hidden_states.dtype)
+
+    def loss(
+        self,
+        hidden_states: torch.Tensor,
+        target_mean: torch.Tensor,
+        target_log_std: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        target_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CalmHeadLoss:
+        """Flow-matching loss per position `[N]`; `noise` is x0 `[N, Z]`, `target_noise` the eps `[N, Z]`."""
+        mean, std = target_mean.float(), torch.exp(target_log_std.float())
+        device = hidden_states.device
+        if target_noise is None:
+            target_noise = torch.randn(mean.shape, device=device, generator=generator)
+        target = mean + target_noise.reshape(mean.shape).float() * std
+        if noise is None:
+            noise = torch.randn(mean.shape, device=device, generator=generator)
+        t = torch.rand(mean.shape[:-1], device=device, generator=generator)
+        x_t = (1 - t[..., None]) * noise + t[..., None] * target
+        prediction = self.velocity(x_t, t, hidden_states).float()
+        loss = (prediction - (target - noise)).pow(2).sum(-1)
+        return CalmHeadLoss(loss=loss)
+
+
+CALM_HEADS = {"energy": CalmEnergyHead, "flow": CalmFlowHead}

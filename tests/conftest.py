@@ -1,0 +1,39 @@
+"""Shared tiny configurations (odd sizes on purpose: hidden 32, vocab 99, K=4, Z=8)."""
+
+import pytest
+import torch
+
+from modeling_calm import CalmAutoencoderConfig, CalmConfig
+
+
+def tiny_autoencoder_config(**overrides) -> CalmAutoencoderConfig:
+    values = dict(
+        vocab_size=99, hidden_size=32, intermediate_size=48, latent_size=8, patch_size=4,
+        num_encoder_layers=2, num_decoder_layers=2, ae_dropout=0.15, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    values.update(overrides)
+    return CalmAutoencoderConfig(**values)
+
+
+def tiny_calm_config(head_type: str = "energy", k: int = 4, **overrides) -> CalmConfig:
+    backbone = dict(
+        model_type="llama", vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    backbone.update(overrides.pop("backbone", {}))
+    values = dict(noise_size=8, num_mlp_layers=2, num_samples=4, num_target_samples=16, head_type=head_type)
+    values.update(overrides)
+    return CalmConfig(
+        autoencoder_config=tiny_autoencoder_config(patch_size=k), backbone_config=backbone, **values
+    )
+
+
+@pytest.fixture
+def calm_config():
+    return tiny_calm_config()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
