@@ -16,8 +16,9 @@ Choices made here:
   document (EOS after it when there is no BOS): CALM learns to emit a document start, which `generate` can use
   as its stop token (the authors' training text had no separator, so their model rarely stops).
 - Packing is exact: documents are concatenated in order and cut into blocks of `block_size` tokens; only the
-  final remainder (< block_size tokens) of the whole corpus is dropped, whatever the batch size. (The usual
-  `group_texts` recipe drops a remainder per map batch instead.)
+  final remainder (< block_size tokens) of the corpus is dropped, whatever the batch size (the usual
+  `group_texts` recipe drops a remainder per map batch instead). A stream is packed shard by shard (a shard is
+  usually a file), so that DataLoader workers can share it; it drops one remainder per shard.
 - Labels are a copy of `input_ids`. CALM encodes its target chunks with the autoencoder, so a label may never be
   rewritten from a token value (`DataCollatorForLanguageModeling` turns every pad id, and therefore every EOS
   when pad == eos, into -100). Only `CalmDataCollator` writes -100, and only on the padding it adds.
@@ -379,7 +380,7 @@ def _pack_blocks(shards: list, block_size: int, batch_size: int) -> Iterator[dic
     """Concatenates the `input_ids` of the shards in order and yields every full block of `block_size` tokens.
 
     The remainder of one batch is carried into the next, so only the last < block_size tokens are dropped.
-    A generator so that its state starts afresh on every pass over a streamed dataset.
+    A generator, so that its state starts afresh on every pass over a streamed dataset.
     """
     carry = np.empty(0, dtype=np.int64)
     for shard in shards:
@@ -410,8 +411,9 @@ def tokenize_and_pack(
     Every block holds exactly `block_size` tokens (a multiple of K = `patch_size`, so it splits into
     `block_size // patch_size` chunks); documents run across block borders. The documents are concatenated in
     dataset order and only the final remainder of fewer than `block_size` tokens is dropped. A streamed dataset
-    gives the same blocks, lazily; with several `DataLoader` workers each worker packs its own shards of the
-    files and drops its own remainder.
+    is packed lazily, one shard (usually one file) after the other, each dropping its own remainder: a stream
+    of one shard gives exactly the blocks of the non-streaming path, and `DataLoader` workers can share the
+    shards of a larger one.
 
     Args:
         dataset: a `Dataset` or `IterableDataset` with a text column (see `load_text_dataset`).
@@ -452,8 +454,8 @@ def tokenize_and_pack(
     if isinstance(dataset, datasets.IterableDataset):
         # Lazy; the other columns stay in the mapped stream, the packer reads only input_ids.
         tokenized = dataset.map(_tokenize_batch, batched=True, batch_size=batch_size, fn_kwargs=tokenize_kwargs)
-        # One list entry per shard lets datasets hand shards to DataLoader workers; one worker packs them all
-        # in order, which gives exactly the blocks of the non-streaming path.
+        # datasets calls the generator once per entry of `shards` (and hands the entries to DataLoader workers),
+        # so every shard is packed on its own and drops its own remainder.
         shards = [tokenized.shard(num_shards=tokenized.num_shards, index=i) for i in range(tokenized.num_shards)]
         return datasets.IterableDataset.from_generator(
             _pack_blocks, features=features, gen_kwargs=dict(shards=shards, **pack_kwargs)
