@@ -10,6 +10,10 @@ Tiny CPU run (seconds):
 
 Real run (the 53 MB Wikipedia slice of ../shared/corpus, `xz -dk wiki2018.jsonl.xz` first; .xz is read too):
     python examples/train_tokenizer.py --train_file wiki2018.jsonl --vocab_size 32000 --output_dir runs/tokenizer
+On 2026-11-23, on the project's 2-core CPU box, that run took 23 s (wall) and printed 32000 tokens and
+4.46 characters per token on the 100 held-out articles, lossless.
+
+Run from the repository root with the package installed (`pip install -e .`) or with `PYTHONPATH=.`.
 
 Then: `AutoTokenizer.from_pretrained("runs/tokenizer")`, and `modeling_calm.data_calm.tokenize_and_pack` to
 cut a corpus into blocks.

@@ -135,10 +135,15 @@ def iter_texts(
         path: a file, a glob, or a list of them; files are read in the order given.
         text_column: the JSON field holding the text.
     """
+    # Not a generator itself: a missing file or a wrong extension fails here, not at the first next().
     files = _expand_paths(path)
-    for file in files:  # check every extension before reading anything
+    for file in files:
         if _split_suffix(file)[0] not in (".txt", ".jsonl"):
             raise ValueError(f"Cannot read texts from {file!r}: iter_texts reads .txt and .jsonl files only.")
+    return _read_texts(files, text_column)
+
+
+def _read_texts(files: list[str], text_column: str) -> Iterator[str]:
     for file in files:
         is_jsonl = _split_suffix(file)[0] == ".jsonl"
         with _open_text(file) as f:
@@ -289,7 +294,10 @@ def train_bpe_tokenizer(
         raise ValueError(f"max_texts={max_texts} must be >= 1 or None.")
 
     if isinstance(files_or_iterator, (str, os.PathLike, list, tuple)):
-        texts = iter_texts(files_or_iterator, text_column=text_column)
+        try:
+            texts = iter_texts(files_or_iterator, text_column=text_column)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} To train on texts in memory, pass an iterator: iter(texts).") from err
     else:
         texts = iter(files_or_iterator)
     texts = itertools.islice(texts, max_texts)
@@ -362,7 +370,11 @@ def _separator_id(tokenizer: PreTrainedTokenizerBase, separator: str | None) -> 
 
 
 def _tokenize_batch(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, text_column: str, separator: str | None, sep_id: int | None
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    separator: str | None,
+    sep_id: int | None,
 ) -> dict[str, list[list[int]]]:
     # None (a null JSON field) counts as an empty document; empty documents (blank lines of a .txt file)
     # contribute nothing, not even a separator. Rows are kept so that streamed columns stay aligned.

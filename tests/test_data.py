@@ -55,6 +55,16 @@ def write_jsonl(path: Path, texts: list[str | None], **extra) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """Keeps every datasets cache file (Arrow files, locks) of this module in a temporary folder."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        mp.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / "downloads")
+        yield cache
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", make_docs(120))
@@ -82,9 +92,9 @@ def test_iter_texts_txt_jsonl_and_compressed(tmp_path):
         list(iter_texts(tmp_path / "c.jsonl.gz"))
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match=r"\.txt and \.jsonl"):
-        list(iter_texts(tmp_path / "d.csv"))
+        iter_texts(tmp_path / "d.csv")  # raised at the call, before any reading
     with pytest.raises(FileNotFoundError):
-        list(iter_texts(tmp_path / "missing.txt"))
+        iter_texts(tmp_path / "missing.txt")
 
 
 def test_tokenizer_special_tokens_and_round_trip(tokenizer):
@@ -126,7 +136,7 @@ def test_tokenizer_options_and_errors(tmp_path, corpus):
         train_bpe_tokenizer(corpus, vocab_size=300, special_tokens={"sep_token": "<sep>"})
     with pytest.raises(ValueError, match="No texts"):
         train_bpe_tokenizer(iter([]), vocab_size=300)
-    with pytest.raises(FileNotFoundError):  # a list is read as file names, not texts
+    with pytest.raises(FileNotFoundError, match=r"iter\(texts\)"):  # a list is read as file names, not texts
         train_bpe_tokenizer(["just some text"], vocab_size=300)
 
 
@@ -136,25 +146,23 @@ def test_tokenizer_options_and_errors(tmp_path, corpus):
 
 
 def test_load_text_dataset_formats(tmp_path, corpus):
-    cache = str(tmp_path / "cache")
     (tmp_path / "a.txt").write_text("one\ntwo\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("three\n", encoding="utf-8")
-    texts = load_text_dataset(str(tmp_path / "*.txt"), cache_dir=cache)
+    texts = load_text_dataset(str(tmp_path / "*.txt"))
     assert texts["text"] == ["one", "two", "three"]
-    jsonl = load_text_dataset(corpus, cache_dir=cache)
+    jsonl = load_text_dataset(corpus)
     assert jsonl.column_names == ["text", "id"] and len(jsonl) == 120
     jsonl.to_parquet(str(tmp_path / "docs.parquet"))
-    assert load_text_dataset(tmp_path / "docs.parquet", cache_dir=cache)["text"] == jsonl["text"]
+    assert load_text_dataset(tmp_path / "docs.parquet")["text"] == jsonl["text"]
     streamed = load_text_dataset([corpus], streaming=True)
     assert isinstance(streamed, datasets.IterableDataset)
     assert next(iter(streamed))["text"] == jsonl[0]["text"]
 
 
 def test_load_text_dataset_errors(tmp_path, corpus):
-    cache = str(tmp_path / "cache")
     (tmp_path / "empty.txt").touch()
     with pytest.raises(ValueError, match=r"empty\.txt.* is empty"):
-        load_text_dataset(tmp_path / "empty.txt", cache_dir=cache)
+        load_text_dataset(tmp_path / "empty.txt")
     (tmp_path / "empty.jsonl").touch()
     with pytest.raises(ValueError, match=r"empty\.jsonl.* is empty"):
         load_text_dataset(str(tmp_path / "empty.jsonl"), streaming=True)
@@ -163,9 +171,9 @@ def test_load_text_dataset_errors(tmp_path, corpus):
         load_text_dataset(tmp_path / "data.csv")
     (tmp_path / "a.txt").write_text("hello\n")
     with pytest.raises(ValueError, match="mix formats"):
-        load_text_dataset([tmp_path / "a.txt", corpus], cache_dir=cache)
+        load_text_dataset([tmp_path / "a.txt", corpus])
     with pytest.raises(ValueError, match="no column 'body'"):
-        load_text_dataset(corpus, text_column="body", cache_dir=cache)
+        load_text_dataset(corpus, text_column="body")
     with pytest.raises(FileNotFoundError, match="No file matches"):
         load_text_dataset(str(tmp_path / "nothing*.jsonl"))
 
@@ -189,14 +197,11 @@ def expected_stream(tokenizer, texts, separator):
 
 
 @pytest.mark.parametrize("separator", ["bos", "eos", None])
-def test_pack_blocks_are_exact_and_lose_only_the_tail(tmp_path, corpus, tokenizer, separator):
-    docs = load_text_dataset(corpus, cache_dir=str(tmp_path / "cache"))
+def test_pack_blocks_are_exact_and_lose_only_the_tail(corpus, tokenizer, separator):
+    docs = load_text_dataset(corpus)
     block_size, patch_size = 24, 4
     # batch_size 7 puts many block borders across tokenization batches: no token may be lost there.
-    packed = tokenize_and_pack(
-        docs, tokenizer, block_size, patch_size=patch_size, separator=separator, batch_size=7,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    packed = tokenize_and_pack(docs, tokenizer, block_size, patch_size=patch_size, separator=separator, batch_size=7)
     assert packed.column_names == ["input_ids", "labels"]
     stream = expected_stream(tokenizer, docs["text"], separator)
     assert len(packed) == len(stream) // block_size > 10
@@ -228,7 +233,7 @@ def test_pack_separator_between_documents(tokenizer):
     assert tokenize_and_pack(docs, tokenizer, len(with_bos))["input_ids"] == [with_bos]
     assert tokenize_and_pack(docs, tokenizer, len(with_eos), separator="eos")["input_ids"] == [with_eos]
     no_bos = train_bpe_tokenizer(iter(texts[:1] * 3), vocab_size=260, special_tokens={"eos_token": "<|eos|>"})
-    no_bos_eos = [*no_bos("the cat")["input_ids"], 0, *no_bos("a dog")["input_ids"], 0, *no_bos("then")["input_ids"], 0]
+    no_bos_eos = [token for t in ("the cat", "a dog", "then") for token in [*no_bos(t)["input_ids"], 0]]
     packed = tokenize_and_pack(docs, no_bos, 1, separator="auto")["input_ids"]  # blocks of one token: nothing dropped
     assert no_bos.eos_token_id == 0 and list(itertools.chain.from_iterable(packed)) == no_bos_eos
     with pytest.raises(ValueError, match="no BOS token"):
@@ -238,10 +243,9 @@ def test_pack_separator_between_documents(tokenizer):
 
 
 def test_streaming_gives_the_same_blocks(tmp_path, tokenizer):
-    cache = str(tmp_path / "cache")
     files = [write_jsonl(tmp_path / f"part{i}.jsonl", make_docs(40, seed=i)) for i in range(2)]
     kwargs = dict(block_size=16, patch_size=4, batch_size=5)  # block borders fall across tokenization batches
-    per_file = [tokenize_and_pack(load_text_dataset(f, cache_dir=cache), tokenizer, cache_dir=cache, **kwargs) for f in files]
+    per_file = [tokenize_and_pack(load_text_dataset(f), tokenizer, **kwargs) for f in files]
 
     streamed = tokenize_and_pack(load_text_dataset(files[0], streaming=True), tokenizer, **kwargs)
     assert isinstance(streamed, datasets.IterableDataset) and streamed.column_names == ["input_ids", "labels"]
@@ -252,7 +256,7 @@ def test_streaming_gives_the_same_blocks(tmp_path, tokenizer):
     assert all(ex["labels"] == ex["input_ids"] for ex in everything)
 
     # Two files are two shards, packed one after the other, each dropping its own remainder.
-    joint = tokenize_and_pack(load_text_dataset(files, cache_dir=cache), tokenizer, cache_dir=cache, **kwargs)
+    joint = tokenize_and_pack(load_text_dataset(files), tokenizer, **kwargs)
     streamed = tokenize_and_pack(load_text_dataset(files, streaming=True), tokenizer, **kwargs)
     assert streamed.num_shards == 2
     blocks = [ex["input_ids"] for ex in streamed]
@@ -304,6 +308,21 @@ def test_collator_errors():
         CalmDataCollator(padding_side="middle")
     with pytest.raises(ValueError, match="patch_size=0"):
         CalmDataCollator(patch_size=0)
+
+
+def test_module_imports_without_datasets():
+    # A fresh interpreter where `import datasets` fails: the module, the collator and tokenizer training work,
+    # the datasets paths explain what to install.
+    code = (
+        "import sys; sys.modules['datasets'] = None\n"
+        "import modeling_calm.data_calm as d\n"
+        "assert d.CalmDataCollator(0, 4)([{'input_ids': [1, 2, 3]}])['input_ids'].shape == (1, 4)\n"
+        "try:\n    d.load_text_dataset('x.txt')\nexcept ImportError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pip install modeling-calm[data]" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
