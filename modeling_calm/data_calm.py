@@ -380,7 +380,10 @@ def _tokenize_batch(
     # contribute nothing, not even a separator. Rows are kept so that streamed columns stay aligned.
     texts = [text or "" for text in batch[text_column]]
     # add_special_tokens=False: tokenizers that add BOS themselves (Llama) would otherwise double the separator.
-    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    # split_special_tokens=True: a document that contains the text "<|bos|>" gets that text, not a separator.
+    encoded = tokenizer(
+        texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False, verbose=False
+    )["input_ids"]
     if separator == "bos":
         encoded = [[sep_id] + ids if ids else ids for ids in encoded]
     elif separator == "eos":
@@ -429,7 +432,8 @@ def tokenize_and_pack(
 
     Args:
         dataset: a `Dataset` or `IterableDataset` with a text column (see `load_text_dataset`).
-        tokenizer: any Hugging Face tokenizer; it is called with `add_special_tokens=False`.
+        tokenizer: any Hugging Face tokenizer; it is called with `add_special_tokens=False` and
+            `split_special_tokens=True` (special-token strings inside a text stay text).
         block_size: tokens per block, a multiple of `patch_size`.
         patch_size: K, tokens per chunk of the model the blocks are for.
         separator: the token between documents: `"bos"` before each document, `"eos"` after it, `None` for

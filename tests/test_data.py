@@ -48,10 +48,10 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))) for _ in range(n)]
 
 
-def write_jsonl(path: Path, texts: list[str | None], **extra) -> Path:
+def write_jsonl(path: Path, texts: list[str | None]) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
-            f.write(json.dumps({"text": text, "id": i, **extra}) + "\n")
+            f.write(json.dumps({"text": text, "id": i}) + "\n")
     return path
 
 
@@ -125,7 +125,7 @@ def test_tokenizer_save_and_reload_offline(tmp_path, corpus):
         assert reloaded.decode(ids) == text
 
 
-def test_tokenizer_options_and_errors(tmp_path, corpus):
+def test_tokenizer_options_and_errors(corpus):
     custom = train_bpe_tokenizer(
         corpus, vocab_size=270, special_tokens={"eos_token": "</s>", "pad_token": "<pad>"}, max_texts=10
     )
@@ -236,6 +236,11 @@ def test_pack_separator_between_documents(tokenizer):
     no_bos_eos = [token for t in ("the cat", "a dog", "then") for token in [*no_bos(t)["input_ids"], 0]]
     packed = tokenize_and_pack(docs, no_bos, 1, separator="auto")["input_ids"]  # blocks of one token: nothing dropped
     assert no_bos.eos_token_id == 0 and list(itertools.chain.from_iterable(packed)) == no_bos_eos
+    # A document that spells out a special token keeps it as text: only real document starts get a BOS.
+    literal = datasets.Dataset.from_dict({"text": ["a <|bos|> b <|eos|>"]})
+    ids = list(itertools.chain.from_iterable(tokenize_and_pack(literal, tokenizer, 1)["input_ids"]))
+    assert ids.count(tokenizer.bos_token_id) == 1 and tokenizer.eos_token_id not in ids
+    assert tokenizer.decode(ids[1:]) == "a <|bos|> b <|eos|>"
     with pytest.raises(ValueError, match="no BOS token"):
         tokenize_and_pack(docs, no_bos, 2, separator="bos")
     with pytest.raises(ValueError, match="separator='sep'"):
