@@ -154,6 +154,9 @@ def test_load_text_dataset_formats(tmp_path, corpus):
     assert jsonl.column_names == ["text", "id"] and len(jsonl) == 120
     jsonl.to_parquet(str(tmp_path / "docs.parquet"))
     assert load_text_dataset(tmp_path / "docs.parquet")["text"] == jsonl["text"]
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wb") as f:
+        f.write(corpus.read_bytes())
+    assert load_text_dataset(tmp_path / "docs.jsonl.gz")["text"] == jsonl["text"]
     streamed = load_text_dataset([corpus], streaming=True)
     assert isinstance(streamed, datasets.IterableDataset)
     assert next(iter(streamed))["text"] == jsonl[0]["text"]
@@ -166,6 +169,10 @@ def test_load_text_dataset_errors(tmp_path, corpus):
     (tmp_path / "empty.jsonl").touch()
     with pytest.raises(ValueError, match=r"empty\.jsonl.* is empty"):
         load_text_dataset(str(tmp_path / "empty.jsonl"), streaming=True)
+    with gzip.open(tmp_path / "empty.txt.gz", "wb"):
+        pass
+    with pytest.raises(ValueError, match=r"empty\.txt\.gz.* is empty"):
+        load_text_dataset(tmp_path / "empty.txt.gz")
     (tmp_path / "data.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match=r"Unknown extension '\.csv'"):
         load_text_dataset(tmp_path / "data.csv")
