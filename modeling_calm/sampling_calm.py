@@ -198,27 +198,33 @@ def selection_probabilities(candidates: torch.Tensor, temperature: float) -> tor
         temperature (`float`): T in (0, 1].
 
     Returns:
-        `torch.FloatTensor` of shape `[B, N]`, float32 on the candidates' device, each row summing to 1.
+        `torch.FloatTensor` of shape `[B, N]`, float32 on the candidates' device, each row summing to 1
+        (computed in float64, so the device must support it: CPU and CUDA do).
     """
     inv_t = _inverse_temperature(temperature)
-    counts = chunk_multiplicities(candidates).float()  # [B, N], c_x of each candidate's chunk
+    # float64: with 1/T snapped only within `_INTEGER_TOLERANCE` of an integer, the lowest level can sit 1e-9
+    # below 2, and float32 would round c - m + 1 = 2 - m to 0 and drop singletons that must stay eligible.
+    counts = chunk_multiplicities(candidates).to(torch.float64)  # [B, N], c_x of each candidate's chunk
     num_levels = int(inv_t)
     log_weights = None
     # Lowest level first, so that each higher level overwrites the rows where it has an eligible chunk. The
     # lowest level, a - n + 1 in [1, 2), accepts every candidate (c >= 1 > m - 1), so each row ends with a choice.
     for j in reversed(range(num_levels)):
         level = inv_t - j
-        eligible = counts > level - 1  # [B, N], C(c, level) > 0
-        # log(C(c, m) / c) without the constant -lgamma(m + 1), which cancels in the normalisation below;
-        # the clamp keeps lgamma away from its poles on ineligible entries, which are masked anyway.
+        # Eligible means C(c, level) > 0, i.e. c - level + 1 > 0; that argument may lie in (0, 1), where
+        # Gamma is large and the weight small. Ineligible entries get the dummy argument 1 (away from
+        # lgamma's poles) and are masked to -inf.
+        gamma_arg = counts - level + 1  # [B, N]
+        eligible = gamma_arg > 0
+        # log(C(c, m) / c) without the constant -lgamma(m + 1), which cancels in the normalisation below.
         level_log_weights = (
-            torch.lgamma(counts + 1) - torch.lgamma((counts - level + 1).clamp_min(1.0)) - counts.log()
+            torch.lgamma(counts + 1) - torch.lgamma(torch.where(eligible, gamma_arg, 1.0)) - counts.log()
         ).masked_fill(~eligible, -math.inf)
         if log_weights is None:
             log_weights = level_log_weights
         else:
             log_weights = torch.where(eligible.any(1, keepdim=True), level_log_weights, log_weights)
-    return torch.softmax(log_weights, dim=1)
+    return torch.softmax(log_weights, dim=1).float()
 
 
 def select_by_temperature(
