@@ -5,9 +5,15 @@ must therefore draw a chunk x with probability
 
     P_T(x) = P(x)^(1/T) / Z_T,    Z_T = sum_x P(x)^(1/T),    T in (0, 1]                              (1)
 
-using nothing but a sampler of P. Everything here talks to the model through one callable,
-`draw(n) -> LongTensor [B, n, K]`, which returns n independent chunks per row, or works directly on a batch of
-already-decoded candidates.
+using nothing but a sampler of P. The samplers reach the model through one callable,
+`draw(n) -> LongTensor [B, n, K]`, which returns n independent chunks per row; the lower-level functions work
+directly on a batch of already-decoded candidates.
+
+Public functions:
+- `temperature_sample(draw, temperature, *, method, ...)`: the entry point, either method.
+- `exact_temperature_sample(draw, temperature, ...)`: Algorithm 1, exact, a correctness reference.
+- `select_by_temperature(candidates, temperature, *, generator)`: Algorithm 2 on given candidates, for `generate`.
+- `selection_probabilities(candidates, temperature)` and `chunk_multiplicities(candidates)`: its building blocks.
 
 Shape letters: B rows (independent sampling problems), N candidates per row, S draws per row per round of the
 exact sampler, K tokens per chunk. Two chunks are equal only if all K tokens are equal.
@@ -57,13 +63,14 @@ negative just below 0. This rule has four properties:
 - It is biased for finite N, and no estimator could avoid that. Whatever f is, E[f(c_x)] with
   c_x ~ Binomial(N, p) is a polynomial in p of degree at most N, while p^a is not a polynomial when a is not an
   integer. Exact sampling needs a random number of draws, which is what stage 2 of Algorithm 1 does.
-- It is continuous in T, while a hard threshold c >= m would not be. As a falls to an integer k, chunks with
-  c = k - 1 stay eligible at level a, but their weight C(k - 1, a) goes to 0. When such chunks are all that is
-  eligible, their weights are equal, so the pick is uniform over them, just as the level k - 1 fallback would
-  make it. A threshold c >= a would instead make T = 0.99 drop every singleton as soon as one chunk repeats, a
-  jump from T = 1. Because the lowest level, 1 + alpha (or 1), accepts every candidate (c >= 1), no row is left
-  without a choice. The alternative weights c^a are biased even at integer a (E[c^2] = N^2 p^2 + N p (1 - p))
-  and do not reduce to the paper's rule.
+- It is continuous in T, while a hard threshold c >= m would not be. As a rises to an integer k (T falls to
+  1/k), a level m in (k - 1, k) accepts chunks with c = k - 1 as well, but their weight C(k - 1, m) goes to 0.
+  When they are the only chunks it accepts, their weights are equal, so the pick is uniform over them, just as
+  the fallback to level k - 1 makes it at a = k. A threshold c >= m would instead make T = 0.99 drop every
+  singleton as soon as one chunk repeats, a jump away from the uniform pick of T = 1.
+The lowest level, 1 + alpha (or 1), accepts every candidate (c >= 1), so no row is left without a choice. The
+alternative weights c^a are biased even at integer a (E[c^2] = N^2 p^2 + N p (1 - p)) and do not reduce to the
+paper's rule.
 A chunk seen c times is represented by its c candidates, each with weight C(c, m) / c. The chunk's total weight
 is then C(c, m), and the returned index points at one of its copies, chosen uniformly. The caller can use that
 index to recover the latent vector of the chosen candidate.
@@ -81,8 +88,9 @@ logger = logging.get_logger(__name__)
 
 # The reference implementation's N; the paper needs N ~ 200 to match a Transformer at softmax temperature 0.5.
 DEFAULT_NUM_CANDIDATES = 200
-# Cap on rounds of the exact sampler. After R rounds of stage 1 alone (alpha = 0, one attempt per round at
-# least) a row is unfinished with probability at most (1 - Z_T)^R; for Z_T = 0.01 and R = 1000 that is 4e-5.
+# Cap on rounds of the exact sampler. With alpha = 0, R rounds of S draws hold at least floor(R S / n) complete
+# attempts (an attempt uses at most n draws), so a row is left unfinished with probability at most
+# (1 - Z_T)^floor(R S / n): at T = 1/2 with the defaults, below 4e-4 whenever Z_T >= 1e-3.
 DEFAULT_MAX_ROUNDS = 1000
 # Draws per row per round of the exact sampler: one call to `draw` feeds this many state-machine steps. More
 # draws per call means fewer calls (each a model forward) at the price of draws wasted by rows that finish early.
@@ -394,6 +402,10 @@ def temperature_sample(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     inv_t = _inverse_temperature(temperature)
     _check_positive_int("num_candidates", num_candidates)
+    # Checked for both methods, so that a bad setting fails before a switch of method exposes it.
+    _check_positive_int("max_rounds", max_rounds)
+    if on_max_rounds not in _ON_MAX_ROUNDS:
+        raise ValueError(f"on_max_rounds must be one of {_ON_MAX_ROUNDS}, got {on_max_rounds!r}")
     if method == "exact":
         return exact_temperature_sample(
             draw,

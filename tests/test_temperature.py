@@ -341,8 +341,13 @@ def test_bad_num_candidates_raises(num_candidates):
 def test_bad_method_and_cap_settings_raise():
     with pytest.raises(ValueError, match=r"method must be one of \('exact', 'approximate'\), got 'greedy'"):
         temperature_sample(good_draw, 0.5, method="greedy")
-    with pytest.raises(ValueError, match=r"max_rounds must be an integer >= 1, got 0"):
-        temperature_sample(good_draw, 0.5, method="exact", max_rounds=0)
+    for method in ("exact", "approximate"):
+        with pytest.raises(ValueError, match=r"max_rounds must be an integer >= 1, got 0"):
+            temperature_sample(good_draw, 0.5, method=method, max_rounds=0)
+        with pytest.raises(ValueError, match=r"on_max_rounds must be one of .*, got 'ignore'"):
+            temperature_sample(good_draw, 0.5, method=method, on_max_rounds="ignore")
+    with pytest.raises(ValueError, match=r"max_rounds must be an integer >= 1, got 2.0"):
+        exact_temperature_sample(good_draw, 0.5, max_rounds=2.0)
     with pytest.raises(ValueError, match=r"draws_per_round must be an integer >= 1, got 1.5"):
         exact_temperature_sample(good_draw, 0.5, draws_per_round=1.5)
     with pytest.raises(ValueError, match=r"on_max_rounds must be one of .*, got 'ignore'"):
