@@ -58,7 +58,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from modeling_calm.brier_calm import BRIER_LM_MAX_N, BrierAccumulator, brier_indicators
+from modeling_calm.brier_calm import BRIER_LM_MAX_N, BrierAccumulator, _check_max_n, brier_indicators
 
 
 logger = logging.get_logger(__name__)
@@ -86,11 +86,6 @@ def _check_ids(name: str, t: torch.Tensor | None, like: torch.Tensor | None = No
         raise ValueError(f"{name} must be an integer tensor of shape [B, T], got {desc}.")
     if like is not None and t.shape != like.shape:
         raise ValueError(f"{name} must have the shape of input_ids {tuple(like.shape)}, got {tuple(t.shape)}.")
-
-
-def _check_max_n(max_n: int) -> None:
-    if isinstance(max_n, bool) or not isinstance(max_n, int) or max_n < 1:
-        raise ValueError(f"max_n must be an integer >= 1, got {max_n!r}.")
 
 
 def _model_device(model) -> torch.device:
@@ -128,7 +123,8 @@ def _sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.T
     entry (1 up to rounding) keeps the search inside the vocabulary; zero-probability tokens have an empty
     interval and are never drawn.
     """
-    cdf = torch.softmax(logits.float(), dim=-1).cumsum(dim=-1)  # [..., V], float32 even for bf16 models
+    # [..., V] float32 even for bf16 models; in-place cumsum keeps the peak at two float copies of the logits.
+    cdf = torch.softmax(logits.float(), dim=-1).cumsum_(dim=-1)
     targets = uniforms.to(cdf.dtype) * cdf[..., -1:]  # [..., S]
     tokens = torch.searchsorted(cdf.contiguous(), targets.contiguous(), right=True)
     return tokens.clamp_(max=logits.shape[-1] - 1)
@@ -478,18 +474,19 @@ def evaluate_brier(
     blocks: Blocks,
     batch_size: int = 8,
     seeds: Sequence[int] = (0, 1, 2),
-    max_n: int = BRIER_LM_MAX_N,
     progress: bool = True,
+    max_n: int = BRIER_LM_MAX_N,
 ) -> dict:
     """BrierLM of a model on evaluation blocks, repeated over sampling seeds.
 
     Each seed re-scores all blocks with `torch.Generator().manual_seed(seed)` (the blocks must come in the same
-    order every pass). The model is put in eval mode and restored to its previous mode afterwards.
+    order every pass, so an iterable of batches must be re-iterable: a list or a DataLoader, not a generator). The
+    model is put in eval mode and restored to its previous mode afterwards.
 
     Args:
         model: a model with `score_brier` or a transformers causal LM. blocks: see `score_blocks`.
         batch_size (`int`): blocks per forward. seeds (sequence of `int`): one pass per seed.
-        max_n (`int`): largest n-gram order (BrierLM uses 4). progress (`bool`): show a tqdm bar.
+        progress (`bool`): show a tqdm bar. max_n (`int`): largest n-gram order (BrierLM uses 4).
 
     Returns:
         `dict` with
@@ -503,6 +500,8 @@ def evaluate_brier(
     seeds = list(seeds)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty sequence of integers, got {seeds!r}.")
+    if isinstance(blocks, Iterator) and len(seeds) > 1:
+        raise ValueError("blocks is a one-shot iterator but every seed re-reads it; pass a list or a DataLoader.")
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
@@ -555,7 +554,7 @@ def evaluate_brier(
 
 def _read_documents(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
+        if not path.lower().endswith(".jsonl"):
             return [f.read()]
         documents = []
         for lineno, line in enumerate(f, start=1):
