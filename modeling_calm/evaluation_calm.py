@@ -410,10 +410,14 @@ def _iter_batches(blocks: Blocks, batch_size: int) -> tuple[Iterator[dict], int 
         return batches, len(starts)
     if isinstance(blocks, Iterable):
         return (_as_batch(b) for b in blocks), (len(blocks) if hasattr(blocks, "__len__") else None)
-    raise ValueError(f"blocks must be a tensor, a mapping of tensors or an iterable of batches, got {type(blocks).__name__}.")
+    raise ValueError(
+        f"blocks must be a tensor, a mapping of tensors or an iterable of batches, got {type(blocks).__name__}."
+    )
 
 
-def _score_batch(model, batch: dict, max_n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_batch(
+    model, batch: dict, max_n: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     device = _model_device(model)
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device) if batch["labels"] is not None else None
@@ -429,6 +433,20 @@ def _score_batch(model, batch: dict, max_n: int, generator: torch.Generator | No
             )
         return brier, mask
     return score_causal_lm(model, input_ids, attention_mask, labels, max_n=max_n, generator=generator)
+
+
+def _accumulate(
+    model, blocks: Blocks, batch_size: int, max_n: int, generator: torch.Generator | None, bar: tqdm
+) -> BrierAccumulator:
+    """One pass over all blocks with one generator (one seed)."""
+    accumulator = BrierAccumulator(max_n)
+    batches, _ = _iter_batches(blocks, batch_size)
+    with torch.no_grad():
+        for batch in batches:
+            brier, mask = _score_batch(model, batch, max_n, generator)
+            accumulator.update(brier, mask)
+            bar.update(1)
+    return accumulator
 
 
 def score_blocks(
@@ -453,13 +471,9 @@ def score_blocks(
         `BrierAccumulator`; `.compute()` gives Brier-1..max_n, BrierLM and the number of positions.
     """
     _check_max_n(max_n)
-    accumulator = BrierAccumulator(max_n)
-    batches, total = _iter_batches(blocks, batch_size)
-    with torch.no_grad():
-        for batch in tqdm(batches, total=total, disable=not progress, desc="BrierLM"):
-            brier, mask = _score_batch(model, batch, max_n, generator)
-            accumulator.update(brier, mask)
-    return accumulator
+    _, total = _iter_batches(blocks, batch_size)
+    with tqdm(total=total, disable=not progress, desc="BrierLM") as bar:
+        return _accumulate(model, blocks, batch_size, max_n, generator, bar)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -508,22 +522,16 @@ def evaluate_brier(
     pooled = BrierAccumulator(max_n)
     per_seed = []
     _, num_batches = _iter_batches(blocks, batch_size)
-    bar = tqdm(total=None if num_batches is None else num_batches * len(seeds), disable=not progress, desc="BrierLM")
+    total = None if num_batches is None else num_batches * len(seeds)
+    bar = tqdm(total=total, disable=not progress, desc="BrierLM")
     try:
-        with torch.no_grad():
-            for seed in seeds:
-                generator = torch.Generator().manual_seed(seed)
-                accumulator = BrierAccumulator(max_n)
-                batches, _ = _iter_batches(blocks, batch_size)
-                for batch in batches:
-                    brier, mask = _score_batch(model, batch, max_n, generator)
-                    accumulator.update(brier, mask)
-                    bar.update(1)
-                result = accumulator.compute()
-                per_seed.append({"seed": seed, **result})
-                pooled.merge(accumulator)
-                bar.set_postfix(seed=seed, brier_lm=f"{result['brier_lm']:.3f}")
-                logger.info("BrierLM seed %d: %s", seed, result)
+        for seed in seeds:
+            accumulator = _accumulate(model, blocks, batch_size, max_n, torch.Generator().manual_seed(seed), bar)
+            result = accumulator.compute()
+            per_seed.append({"seed": seed, **result})
+            pooled.merge(accumulator)
+            bar.set_postfix(seed=seed, brier_lm=f"{result['brier_lm']:.3f}")
+            logger.info("BrierLM seed %d: %s", seed, result)
     finally:
         bar.close()
         if was_training and hasattr(model, "train"):
