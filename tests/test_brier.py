@@ -1,0 +1,490 @@
+"""Tests for BrierLM: the estimator (brier_calm), causal-LM scoring (evaluation_calm) and the evaluate wrapper.
+
+Statistical tests use fixed seeds and accept |empirical mean - exact value| <= 4 standard errors (SE estimated
+from the draws); with fixed seeds they are deterministic, and a correct implementation fails a single check with
+probability ~6e-5 over the choice of seed.
+"""
+
+import itertools
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_calm.brier_calm import BrierAccumulator, brier_indicators, brier_lm, brier_scores, brier_sums
+from modeling_calm.evaluation_calm import (
+    evaluate_brier,
+    load_text_blocks,
+    sample_continuations,
+    sample_continuations_ref,
+    score_blocks,
+    score_causal_lm,
+    score_causal_lm_ref,
+    true_continuations,
+)
+
+
+VOCAB = 50
+MAX_N = 4
+NUM_SE = 4.0  # tolerance of the statistical tests, in standard errors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box thread contention made these
+    tests ~5x slower; restored afterwards so other test modules are unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Toy models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=128,
+    )
+    config._attn_implementation = attn
+    return LlamaForCausalLM(config).eval()
+
+
+class BigramLM(torch.nn.Module):
+    """Causal LM whose next-token distribution depends only on the current token (a Markov chain): logits =
+    log P[x_t]. Context, attention masks, position ids and the cache do not matter to it, so its exact Brier
+    scores are known in closed form."""
+
+    def __init__(self, transition: torch.Tensor):
+        super().__init__()
+        self.register_buffer("log_p", transition.log())
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, **kw):
+        cache = past_key_values if past_key_values is not None else ()
+        return SimpleNamespace(logits=self.log_p[input_ids], past_key_values=cache)
+
+
+def random_transition(vocab: int, sharpness: float, seed: int) -> torch.Tensor:
+    """Random row-stochastic [V, V] matrix in float64; larger `sharpness` gives more peaked rows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharpness * torch.randn(vocab, vocab, generator=g, dtype=torch.float64), dim=-1)
+
+
+def sample_chain(transition: torch.Tensor, start: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+    """start LongTensor [N] -> [N, steps] continuations of the Markov chain."""
+    out, state = [], start
+    for _ in range(steps):
+        state = torch.multinomial(transition[state], 1, generator=g)[:, 0]
+        out.append(state)
+    return torch.stack(out, dim=-1)
+
+
+def exact_brier(transition: torch.Tensor, context: int, target: list[int], n: int) -> float:
+    """Brier(P, y) = 2 P(y) - sum_x P(x)^2 over n-grams after `context`, by enumerating all V^n n-grams."""
+    def prob(gram):
+        p, state = 1.0, context
+        for x in gram:
+            p, state = p * float(transition[state, x]), x
+        return p
+
+    vocab = transition.shape[0]
+    squares = sum(prob(g) ** 2 for g in itertools.product(range(vocab), repeat=n))
+    return 2 * prob(target[:n]) - squares
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The estimator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_indicators_hand_computed():
+    y = torch.tensor([[1, 2, 3, 4]])
+    x1 = torch.tensor([[1, 2, 9, 4]])  # hits y for n = 1, 2 only: a later match after a miss does not count
+    x2 = torch.tensor([[1, 7, 3, 4]])  # hits y for n = 1
+    # n=1: 1 + 1 - 1 (x1, x2 agree on 1 token); n=2: 1 + 0 - 0; n=3, 4: 0 + 0 - 0
+    assert brier_indicators(x1, x2, y).tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    # Two different samples that both hit: 2 - 1 = 1; two that miss but agree: -1.
+    assert brier_indicators(y, y, y, max_n=2).tolist() == [[1.0, 1.0]]
+    assert brier_indicators(x2, x2, x1, max_n=2).tolist() == [[1.0, -1.0]]  # identical samples: 2 * 1{x = y} - 1
+    # Longer continuations: only the first max_n tokens are used.
+    assert brier_indicators(torch.tensor([[5, 6, 0]]), torch.tensor([[5, 0, 0]]), torch.tensor([[5, 6, 1]]),
+                            max_n=2).tolist() == [[1.0, 1.0]]
+
+
+def test_identical_samples_degenerate():
+    """x1 == x2 gives 2 * 1{x = y} - 1: 1 where the n-gram is right, -1 otherwise (meaningless as a score)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (200, 6), generator=g)
+    x = torch.where(torch.rand(200, 6, generator=g) < 0.7, y, torch.randint(0, 3, (200, 6), generator=g))
+    correct = (x[:, :MAX_N] == y[:, :MAX_N]).long().cumprod(-1)
+    assert torch.equal(brier_indicators(x, x, y), (2 * correct - 1).float())
+    assert set(brier_indicators(x, x, y).unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_estimator_unbiased_on_markov_chain():
+    """Mean of the estimator over many independent draws = exact Brier-n of the known n-gram distribution."""
+    vocab, draws = 4, 20000
+    transition = random_transition(vocab, sharpness=1.5, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for context in range(vocab):
+        start = torch.full((draws,), context, dtype=torch.long)
+        target = sample_chain(transition, start[:1], MAX_N, g)[0]  # a typical true continuation
+        x1 = sample_chain(transition, start, MAX_N, g)
+        x2 = sample_chain(transition, start, MAX_N, g)
+        estimates = brier_indicators(x1, x2, target.expand(draws, -1)).double()  # [draws, 4]
+        means = brier_scores(estimates)
+        for n in range(1, MAX_N + 1):
+            exact = exact_brier(transition, context, target.tolist(), n)
+            se = estimates[:, n - 1].std().item() / math.sqrt(draws)
+            assert abs(means[n - 1].item() - exact) <= NUM_SE * se, (context, n, means[n - 1].item(), exact, se)
+
+
+def test_reducers_and_mask():
+    g = torch.Generator().manual_seed(3)
+    ind = torch.randint(-1, 3, (3, 5, MAX_N), generator=g).float()
+    mask = torch.rand(3, 5, generator=g) < 0.6
+    sums, counts = brier_sums(ind, mask)
+    assert torch.allclose(sums, ind[mask].double().sum(0)) and torch.all(counts == mask.sum())
+    assert torch.allclose(brier_scores(ind, mask), ind[mask].double().mean(0))
+    # Per-(position, n) mask: n-th column masked independently.
+    mask_n = torch.rand(3, 5, MAX_N, generator=g) < 0.6
+    mask_n[0, 0] = True
+    expected = torch.stack([ind[..., n][mask_n[..., n]].double().mean() for n in range(MAX_N)])
+    assert torch.allclose(brier_scores(ind, mask_n), expected)
+    # brier_indicators zeroes masked entries so sums stay right.
+    x = torch.randint(0, 3, (3, 5, MAX_N), generator=g)
+    assert torch.all(brier_indicators(x, x.flip(0), x, mask=mask)[~mask] == 0)
+
+
+def test_brier_lm_and_accumulator():
+    assert brier_lm([0.1, 0.1, 0.1, 0.1]) == pytest.approx(10.0)
+    assert brier_lm(torch.tensor([0.4, 0.2, 0.1, 0.05])) == pytest.approx(100 * (0.4 * 0.2 * 0.1 * 0.05) ** 0.25)
+    assert brier_lm([0.3, 0.2, 0.0, 0.1]) == 0.0  # clamp-at-0 rule
+    assert brier_lm([0.3, 0.2, 0.1, -0.02]) == 0.0
+    assert math.isnan(brier_lm([0.3, float("nan"), 0.1, 0.1]))
+
+    g = torch.Generator().manual_seed(4)
+    chunks = [torch.randint(-1, 3, (2, 7, MAX_N), generator=g).float() for _ in range(3)]
+    masks = [torch.rand(2, 7, generator=g) < 0.8 for _ in range(3)]
+    acc, half = BrierAccumulator(), BrierAccumulator()
+    for c, m in zip(chunks, masks):
+        acc.update(c, m)
+    half.update(chunks[0], masks[0])
+    rest = BrierAccumulator()
+    rest.update(chunks[1], masks[1])
+    rest.update(chunks[2], masks[2])
+    half.merge(rest)
+    all_ind, all_mask = torch.cat(chunks), torch.cat(masks)
+    expected = brier_scores(all_ind, all_mask)
+    result = acc.compute()
+    assert result == half.compute()
+    assert result["num_positions"] == int(all_mask.sum())
+    assert [result[f"brier_{n}"] for n in range(1, 5)] == pytest.approx(expected.tolist())
+    assert result["brier_lm"] == pytest.approx(brier_lm(expected))
+
+
+def test_estimator_bad_inputs():
+    x = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="same shape"):
+        brier_indicators(x, x, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_n must be an integer >= 1"):
+        brier_indicators(x, x, x, max_n=0)
+    with pytest.raises(ValueError, match="n_tokens=4 .* max_n=5"):
+        brier_indicators(x, x, x, max_n=5)
+    with pytest.raises(ValueError, match="integer token ids"):
+        brier_indicators(x.float(), x, x)
+    with pytest.raises(ValueError, match="mask has shape"):
+        brier_indicators(x, x, x, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="No valid position"):
+        brier_scores(torch.zeros(2, 4), torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="No valid position"):
+        BrierAccumulator().compute()
+    with pytest.raises(ValueError, match="max_n=4"):
+        BrierAccumulator().update(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="empty"):
+        brier_lm([])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring causal LMs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fast_path_matches_reference(attn):
+    """Same generator -> the cached, 4-D-masked fast path draws exactly the reference's tokens, from the logits of a
+    plain forward over prefix + continuation; padding on either side included."""
+    model = tiny_llama(attn)
+    g = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, VOCAB, (3, 10), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding
+    attention_mask[2, -3:] = 0  # right padding
+    for mask in (None, attention_mask):
+        fast, fast_logits = sample_continuations(model, input_ids, mask, generator=torch.Generator().manual_seed(6),
+                                                 return_logits=True)
+        ref, ref_logits = sample_continuations_ref(model, input_ids, mask, generator=torch.Generator().manual_seed(6),
+                                                   return_logits=True)
+        assert fast.shape == ref.shape == (3, 10 - MAX_N, 2, MAX_N)
+        assert torch.equal(fast, ref)
+        real = (mask if mask is not None else torch.ones_like(input_ids))[:, : 10 - MAX_N].bool()
+        torch.testing.assert_close(fast_logits[real], ref_logits[real], atol=1e-5, rtol=1e-5)
+        # The two samples of a position are different draws (not the same noise).
+        assert not torch.equal(fast[:, :, 0], fast[:, :, 1])
+
+    labels = input_ids.clone()
+    labels[0, 5] = -100
+    out_fast = score_causal_lm(model, input_ids, attention_mask, labels, generator=torch.Generator().manual_seed(7))
+    out_ref = score_causal_lm_ref(model, input_ids, attention_mask, labels, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(out_fast[0], out_ref[0]) and torch.equal(out_fast[1], out_ref[1])
+
+
+def test_end_of_block_and_label_rule():
+    """Position t is scored iff targets t+1..t+4 are inside the block, none is -100 and token t is real."""
+    length = 12
+    model = tiny_llama()
+    input_ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(8))
+    labels = input_ids.clone()
+    labels[0, 7] = -100
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    brier, mask = score_causal_lm(model, input_ids, attention_mask, labels, generator=torch.Generator().manual_seed(0))
+    assert brier.shape == (2, length, MAX_N) and mask.shape == (2, length)
+    expected0 = [t + MAX_N <= length - 1 and not (t + 1 <= 7 <= t + MAX_N) for t in range(length)]
+    # Row 1: targets at padded tokens 0, 1 are invalid, and so are positions 0, 1 themselves.
+    expected1 = [t >= 2 and t + MAX_N <= length - 1 for t in range(length)]
+    assert mask.tolist() == [expected0, expected1]
+    assert torch.all(brier[~mask] == 0)
+    targets, valid = true_continuations(input_ids, attention_mask, labels)
+    assert torch.equal(targets[0, 2], labels[0, 3:7]) and torch.equal(valid, mask[:, : length - MAX_N])
+    # Blocks with no position that has 4 future tokens score nothing.
+    brier, mask = score_causal_lm(model, input_ids[:, :MAX_N], generator=torch.Generator().manual_seed(0))
+    assert brier.shape == (2, MAX_N, MAX_N) and not mask.any()
+
+
+def test_no_off_by_one_with_deterministic_chain():
+    """A model that always predicts x+1 (mod V) on a text that follows x+1 except at one token: every estimate
+    is exact (both samples agree), 1 where the true n-gram follows the rule and -1 where it crosses the break."""
+    vocab, length, brk = 7, 16, 9
+    transition = torch.full((vocab, vocab), 0.0).double()
+    transition[torch.arange(vocab), (torch.arange(vocab) + 1) % vocab] = 1.0
+    model = BigramLM(transition)
+    text = (torch.arange(length) % vocab).clone()
+    text[brk:] = (torch.arange(length - brk) + 3) % vocab  # text[brk] = 3 breaks the rule, then it resumes
+    assert text[brk] != (text[brk - 1] + 1) % vocab
+    brier, mask = score_causal_lm(model, text[None], generator=torch.Generator().manual_seed(0))
+    for t in range(length - MAX_N):
+        for n in range(1, MAX_N + 1):
+            crosses = t + 1 <= brk <= t + n
+            assert brier[0, t, n - 1].item() == (-1.0 if crosses else 1.0), (t, n)
+    assert mask[0].tolist() == [t < length - MAX_N for t in range(length)]
+
+
+def test_fast_path_statistics_on_markov_lm():
+    """Full path (sampling, target alignment, masking) on a bigram LM: mean estimates = exact Brier-n."""
+    vocab, blocks, length, passes = 5, 16, 20, 12
+    transition = random_transition(vocab, sharpness=2.0, seed=9)
+    model = BigramLM(transition)
+    g = torch.Generator().manual_seed(10)
+    text = torch.cat([torch.randint(0, vocab, (blocks, 1), generator=g),
+                      torch.zeros(blocks, length - 1, dtype=torch.long)], dim=1)
+    text[:, 1:] = sample_chain(transition, text[:, 0], length - 1, g)
+    labels = text.clone()
+    labels[:, 10] = -100
+    _, valid = true_continuations(text, labels=labels)
+    targets, _ = true_continuations(text)  # exact values everywhere; invalid ones are dropped below
+    exact = torch.tensor([[[exact_brier(transition, int(text[b, t]), targets[b, t].tolist(), n)
+                            for n in range(1, MAX_N + 1)] for t in range(length - MAX_N)] for b in range(blocks)])
+    diffs = []
+    for seed in range(passes):
+        brier, mask = score_causal_lm(model, text, labels=labels, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(mask[:, : length - MAX_N], valid)
+        diffs.append((brier[:, : length - MAX_N] - exact)[valid])  # [positions, 4]
+    diffs = torch.cat(diffs).double()
+    for n in range(MAX_N):
+        se = diffs[:, n].std().item() / math.sqrt(diffs.shape[0])
+        assert abs(diffs[:, n].mean().item()) <= NUM_SE * se, (n + 1, diffs[:, n].mean().item(), se)
+
+    # evaluate_brier over the same passes: pooled Brier-n = mean of per-seed Brier-n (same positions each seed).
+    result = evaluate_brier(model, {"input_ids": text, "labels": labels}, batch_size=5, seeds=range(3),
+                            progress=False)
+    assert result["num_positions"] == int(valid.sum())
+    per_seed = torch.tensor([[r[f"brier_{n}"] for n in range(1, 5)] for r in result["per_seed"]])
+    assert [result["pooled"][f"brier_{n}"] for n in range(1, 5)] == pytest.approx(per_seed.mean(0).tolist())
+
+
+def test_sampler_bad_inputs():
+    model = tiny_llama()
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        score_causal_lm(model, ids, labels=torch.zeros(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor of shape \[B, T\]"):
+        score_causal_lm(model, ids[0])
+    with pytest.raises(ValueError, match="max_n must be an integer >= 1"):
+        score_causal_lm(model, ids, max_n=0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        sample_continuations(model, ids, noise=torch.rand(2, 8, 2, MAX_N))
+    flash = BigramLM(torch.full((3, 3), 1 / 3))
+    flash.config = SimpleNamespace(_attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        score_causal_lm(flash, ids)
+    with pytest.raises(ValueError, match="seeds must be a non-empty"):
+        evaluate_brier(model, ids, seeds=())
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        evaluate_brier(model, ids, batch_size=0)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        evaluate_brier(model, iter([ids]), seeds=(0, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The score_brier protocol and end-to-end evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ProtocolModel:
+    """A stand-in for a CALM: scores through `score_brier`, has no forward at all."""
+
+    def __init__(self):
+        self.calls = []
+        self.training = True
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def score_brier(self, input_ids, labels=None, max_n=4, generator=None):
+        self.calls.append((input_ids.shape, labels is not None, isinstance(generator, torch.Generator)))
+        chunks = input_ids.shape[1] // 4  # one entry per chunk of K = 4 tokens
+        u = torch.rand(input_ids.shape[0], chunks, max_n, generator=generator)
+        return (u < 0.5).float(), torch.ones(input_ids.shape[0], chunks, dtype=torch.bool)
+
+
+def test_score_brier_protocol_dispatch():
+    model = ProtocolModel()
+    blocks = {"input_ids": torch.zeros(5, 16, dtype=torch.long), "labels": torch.zeros(5, 16, dtype=torch.long)}
+    result = evaluate_brier(model, blocks, batch_size=2, seeds=(3, 4), progress=False)
+    assert model.calls == [(torch.Size([b, 16]), True, True) for b in (2, 2, 1)] * 2
+    assert model.training  # restored
+    assert result["num_positions"] == 5 * 4
+    for seed, per_seed in zip((3, 4), result["per_seed"]):
+        g = torch.Generator().manual_seed(seed)
+        draws = torch.cat([(torch.rand(b, 4, MAX_N, generator=g) < 0.5).float() for b in (2, 2, 1)])
+        assert per_seed["seed"] == seed
+        assert [per_seed[f"brier_{n}"] for n in range(1, 5)] == pytest.approx(draws.mean((0, 1)).tolist())
+    values = [r["brier_lm"] for r in result["per_seed"]]
+    assert result["mean"]["brier_lm"] == pytest.approx(sum(values) / 2)
+    assert result["std"]["brier_lm"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    # score_blocks on an iterable of batches (e.g. a DataLoader) gives the same first pass.
+    batches = [{"input_ids": blocks["input_ids"][i : i + 2], "labels": blocks["labels"][i : i + 2]} for i in (0, 2, 4)]
+    acc = score_blocks(model, batches, generator=torch.Generator().manual_seed(3))
+    assert acc.compute()["brier_1"] == pytest.approx(result["per_seed"][0]["brier_1"])
+
+
+def word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<eos>": 1, "<pad>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>", pad_token="<pad>")
+
+
+def test_load_text_blocks_and_evaluate_end_to_end(tmp_path):
+    words = [f"w{i}" for i in range(VOCAB - 3)]
+    tokenizer = word_tokenizer(words)
+    g = torch.Generator().manual_seed(11)
+    docs = [" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist()) for n in (20, 0, 23)]
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n\n", encoding="utf-8")
+
+    blocks = load_text_blocks(jsonl, tokenizer, block_size=16, multiple_of=4)
+    # 20 + 1 separator (the empty document is skipped) + 23 = 44 tokens -> 2 full blocks + 12 tokens padded to 16.
+    assert blocks["input_ids"].shape == blocks["labels"].shape == (3, 16)
+    flat = blocks["input_ids"].flatten()
+    assert flat[20].item() == tokenizer.eos_token_id and (flat[:20] != tokenizer.eos_token_id).all()
+    assert blocks["labels"][2, 12:].tolist() == [-100] * 4 and blocks["attention_mask"][2].sum() == 12
+    assert (blocks["input_ids"][2, 12:] == tokenizer.pad_token_id).all()
+    assert load_text_blocks(jsonl, tokenizer, 16, drop_last=True)["input_ids"].shape == (2, 16)
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text(docs[0] + "\n" + docs[2], encoding="utf-8")
+    assert load_text_blocks(text_file, tokenizer, 8)["input_ids"].numel() == 48  # one document, no separator
+
+    model = tiny_llama()
+    model.train()
+    result = evaluate_brier(model, blocks, batch_size=2, seeds=(0, 1), progress=False)
+    assert model.training
+    # Positions with 4 real future tokens in the block: 12 + 12 + (12 - 4) = 32.
+    assert result["num_positions"] == 32 == int(true_continuations(**blocks)[1].sum())
+    assert set(result) == {"per_seed", "mean", "std", "pooled", "num_positions", "seeds", "max_n"}
+    keys = {"brier_1", "brier_2", "brier_3", "brier_4", "brier_lm"}
+    assert set(result["mean"]) == set(result["std"]) == set(result["pooled"]) == keys
+    assert all(math.isfinite(v) for v in result["mean"].values())
+    assert result["per_seed"][0] != result["per_seed"][1]  # independent seeds
+    again = evaluate_brier(model, blocks, batch_size=3, seeds=(0, 1), progress=False)
+    assert again["per_seed"] == result["per_seed"]  # reproducible, whatever the batching
+    single = evaluate_brier(model, blocks, batch_size=2, seeds=(0,), progress=False)
+    assert single["per_seed"][0] == result["per_seed"][0] and math.isnan(single["std"]["brier_lm"])
+
+
+def test_load_text_blocks_bad_inputs(tmp_path):
+    tokenizer = word_tokenizer(["a", "b"])
+    good = tmp_path / "good.txt"
+    good.write_text("a b a b a b", encoding="utf-8")
+    with pytest.raises(ValueError, match="block_size=10 must be a multiple of multiple_of=4"):
+        load_text_blocks(good, tokenizer, block_size=10, multiple_of=4)
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+        load_text_blocks(good, tokenizer, block_size=0)
+    with pytest.raises(ValueError, match="fewer than block_size"):
+        load_text_blocks(good, tokenizer, block_size=8, drop_last=True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.txt.*contains no text"):
+        load_text_blocks(empty, tokenizer, block_size=8)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": "  "}\n\n{"text": ""}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="blank.jsonl.*contains no text"):
+        load_text_blocks(blank, tokenizer, block_size=8)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.jsonl, line 2"):
+        load_text_blocks(bad, tokenizer, block_size=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate wrapper
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_metric_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setattr(evaluate.config, "HF_MODULES_CACHE", tmp_path / "modules")  # keep ~/.cache clean
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "modeling_calm", "metrics",
+                        "brier_lm")
+    metric = evaluate.load(path, cache_dir=str(tmp_path / "cache"), keep_in_memory=True)
+    g = torch.Generator().manual_seed(12)
+    y = torch.randint(0, 3, (40, 5), generator=g)
+    x1 = torch.where(torch.rand(40, 5, generator=g) < 0.6, y, torch.randint(0, 3, (40, 5), generator=g))
+    x2 = torch.where(torch.rand(40, 5, generator=g) < 0.6, y, torch.randint(0, 3, (40, 5), generator=g))
+    for i in (0, 20):
+        metric.add_batch(sample1=x1[i : i + 20].tolist(), sample2=x2[i : i + 20].tolist(),
+                         references=y[i : i + 20].tolist())
+    result = metric.compute()
+    expected = brier_scores(brier_indicators(x1, x2, y))
+    assert [result[f"brier_{n}"] for n in range(1, 5)] == pytest.approx(expected.tolist())
+    assert result["brier_lm"] == pytest.approx(brier_lm(expected)) and result["num_positions"] == 40
+    with pytest.raises(ValueError, match="at least max_n=4"):
+        metric.compute(sample1=[[1, 2]], sample2=[[1, 2]], references=[[1, 2]])
