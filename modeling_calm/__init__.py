@@ -27,8 +27,20 @@ CalmAutoencoder.register_for_auto_class("AutoModel")
 CalmConfig.register_for_auto_class()
 CalmForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+
+def __getattr__(name: str):
+    # The trainers import `transformers.Trainer` (and through it accelerate): loaded on first use only, so that
+    # importing the package stays light.
+    if name in ("CalmTrainer", "CalmAutoencoderTrainer"):
+        from .trainer_calm import CalmAutoencoderTrainer, CalmTrainer
+
+        return {"CalmTrainer": CalmTrainer, "CalmAutoencoderTrainer": CalmAutoencoderTrainer}[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CalmAutoencoder",
+    "CalmAutoencoderTrainer",
     "CalmAutoencoderConfig",
     "CalmAutoencoderOutput",
     "CalmCausalLMOutput",
@@ -37,5 +49,6 @@ __all__ = [
     "CalmFlowHead",
     "CalmForCausalLM",
     "CalmPreTrainedModel",
+    "CalmTrainer",
     "energy_score",
 ]

@@ -179,6 +179,8 @@ class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _no_split_modules = ["CalmAutoencoderBlock"]
+    # Per-batch mean loss: the Trainer must scale it for gradient accumulation (HF_NOTES.md section 4).
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         _init_calm_module(module, self.config.initializer_range)
