@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmAutoencoderTrainer
@@ -75,12 +76,11 @@ def parse_args(argv=None):
 
 
 def parse_overrides(text: str | None) -> dict:
-    pairs = (item.split("=", 1) for item in (text or "").split(",") if item.strip())
     values = {}
-    for key, value in pairs:
+    for key, value in (item.split("=", 1) for item in (text or "").split(",") if item.strip()):
         try:
             values[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # a bare string, e.g. head_type=flow
             values[key.strip()] = value
     return values
 
@@ -144,6 +144,8 @@ def main():
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean exit for every process of a torchrun launch
 
 
 if __name__ == "__main__":

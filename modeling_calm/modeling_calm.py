@@ -100,7 +100,11 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         self.model = AutoModel.from_config(config.backbone_config)
         self.chunk_proj = CalmChunkProjection(config)
         self.head = CALM_HEADS[config.head_type](config)
-        self._no_split_modules = list(self._no_split_modules) + list(getattr(self.model, "_no_split_modules", []))
+        # Only classes this instance contains: FSDP's default wrap policy (accelerate) rejects names it cannot find,
+        # e.g. the flow head's block in an energy-head model.
+        present = {type(module).__name__ for module in self.modules()}
+        candidates = list(self._no_split_modules) + list(getattr(self.model, "_no_split_modules", None) or [])
+        self._no_split_modules = [name for name in dict.fromkeys(candidates) if name in present]
         self.post_init()
         self.freeze_autoencoder()
 

@@ -286,6 +286,25 @@ def test_two_process_ddp_training_with_gloo(tmp_path):
     assert "'fidelity'" in logs and "'eval_brier_lm'" in logs
 
 
+@pytest.mark.parametrize("head_type", ["energy", "flow"])
+def test_fsdp_and_deepspeed_settings_fit_the_model(head_type):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    fsdp = ClusterConfig.from_yaml_file(str(REPO_ROOT / "configuration" / "accelerate" / "fsdp.yaml"))
+    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_use_orig_params"] is True
+    # Without a class list, accelerate wraps `_no_split_modules` and fails on any name the model does not contain.
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp.fsdp_config
+    model = CalmForCausalLM(tiny_calm_config(head_type=head_type))
+    assert {"LlamaDecoderLayer", "CalmAutoencoderBlock"} <= set(model._no_split_modules)
+    for name in model._no_split_modules:
+        assert get_module_class_from_name(model, name) is not None, name
+    for stage in (2, 3):
+        settings = json.loads((REPO_ROOT / "configuration" / "deepspeed" / f"zero{stage}.json").read_text())
+        assert settings["zero_optimization"]["stage"] == stage and settings["bf16"]["enabled"] == "auto"
+    assert settings["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True  # Hub-ready saves
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The examples, end to end on the CPU
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,7 +328,7 @@ def test_recipes_load_into_training_arguments_and_flags_override_them(tmp_path):
     _, _, args = load_example("train_autoencoder").parse_args(
         ["--tokenizer", "t", "--train_file", "y", "--output_dir", str(tmp_path), "--recipe", "tiny"]
     )
-    assert args.learning_rate == 1e-3 and not args.bf16
+    assert args.learning_rate == 3e-3 and not args.bf16
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"learning_rat": 1.0}))
     with pytest.raises(ValueError, match="learning_rat"):
