@@ -50,6 +50,20 @@ def test_energy_head_sample_shapes_and_noise_dependence():
         head.sample(h, noise=torch.zeros(3, 5, 7))
 
 
+def test_energy_head_loss_conditions_once_per_position_like_sampling_each_copy():
+    # The loss runs the conditioning path on h [N, D] once and broadcasts it over the S samples; that must equal
+    # sampling every expanded copy of h on its own.
+    head = CalmEnergyHead(tiny_calm_config())
+    torch.nn.init.normal_(head.output.fc2.weight)
+    g = torch.Generator().manual_seed(2)
+    h, noise = torch.randn(6, 32, generator=g), head.draw_noise((4, 6), "cpu", g)
+    mean, log_std, eps = torch.randn(6, 8, generator=g), torch.zeros(6, 8), torch.randn(16, 6, 8, generator=g)
+    out = head.loss(h, mean, log_std, noise=noise, target_noise=eps)
+    torch.testing.assert_close(out.samples, head.sample(h.expand(4, -1, -1), noise=noise), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="noise"):
+        head.loss(h, mean, log_std, noise=noise[:, :5])
+
+
 def test_energy_head_output_layer_starts_at_zero():
     from modeling_calm import CalmForCausalLM
 
