@@ -296,8 +296,11 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         if chunk_mask is not None:
             # Neither the conditioning chunk nor the target chunk may be padding.
             valid &= chunk_mask[:, :-1].bool() & chunk_mask[:, 1:].bool()
-        hidden_valid = hidden[:, :-1][valid]  # [N, D], (batch, step) order
-        targets = label_chunks[valid]  # [N, K]
+        # One host sync (and one torch.compile graph break) for both selections: the valid positions, flattened in
+        # (batch, step) order.
+        index = valid.flatten().nonzero().squeeze(-1)  # [N]
+        hidden_valid = hidden[:, :-1].flatten(0, 1).index_select(0, index)  # [N, D]
+        targets = label_chunks.flatten(0, 1).index_select(0, index)  # [N, K]
         if targets.shape[0] == 0:
             zero = hidden.sum() * 0.0  # keeps the graph (and DDP) happy when a batch has no target
             return zero, None, None, None
