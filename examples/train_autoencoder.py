@@ -1,8 +1,10 @@
 """Stage 1 of CALM: train the chunk autoencoder (K tokens <-> one vector) with `CalmAutoencoderTrainer`.
 
-CPU smoke run (a minute; the tokenizer comes from examples/train_tokenizer.py):
+CPU run (300 steps, about 2 minutes on 2 cores, ~80 % token accuracy; wiki300.jsonl = the first 300 lines of
+../shared/corpus/wiki2018.jsonl.xz, the tokenizer from examples/train_tokenizer.py on it with --vocab_size 512;
+several processes: torchrun --nproc_per_node 2 ... --use_cpu true --ddp_backend gloo):
     python examples/train_autoencoder.py --preset tiny --recipe tiny --tokenizer runs/tokenizer \\
-        --train_file wiki2018.jsonl --output_dir runs/autoencoder-tiny --max_steps 100
+        --train_file wiki300.jsonl --output_dir runs/autoencoder-tiny
 
 The paper's autoencoder (Llama-3 tokenizer + [PAD], 30k steps x 512k tokens, bf16) on 8 GPUs:
     torchrun --nproc_per_node 8 examples/train_autoencoder.py --preset calm-m --recipe autoencoder \\

@@ -1,8 +1,9 @@
 """Stage 2 of CALM: train the language model on a frozen autoencoder with `CalmTrainer` (energy loss by default).
 
-CPU smoke run (a minute; the autoencoder folder comes from examples/train_autoencoder.py, with its tokenizer):
+CPU run (the autoencoder folder, with its tokenizer, comes from examples/train_autoencoder.py; several processes:
+torchrun --nproc_per_node 2 ... --use_cpu true --ddp_backend gloo):
     python examples/train_calm.py --preset tiny --recipe tiny --autoencoder runs/autoencoder-tiny \\
-        --train_file wiki2018.jsonl --output_dir runs/calm-tiny --max_steps 100
+        --train_file wiki300.jsonl --output_dir runs/calm-tiny
 
 CALM-M as in the paper (250k steps x 2M tokens, blocks of 8192 tokens, bf16) on 8 GPUs:
     torchrun --nproc_per_node 8 examples/train_calm.py --preset calm-m --recipe calm \\
