@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -147,16 +148,29 @@ def main():
         "compile": args.compile,
         "precision": "bf16 autocast, fp32 master weights and AdamW states",
     }
-    results = [measure(name, config, args, device) for name in args.models.split(",")]
+    results = []
+    for name in args.models.split(","):
+        print(f"measuring {name} ({args.warmup} warm-up + {args.steps} timed steps)...", file=sys.stderr, flush=True)
+        try:
+            results.append(measure(name, config, args, device))
+        except Exception as error:  # report the other model anyway; the traceback says what failed
+            traceback.print_exc()
+            results.append({"model": name, "error": f"{type(error).__name__}: {error}"[:500]})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     print(", ".join(f"{k}={v}" for k, v in environment.items()))
     print(f"{'model':<6} {'trainable':>11} {'tokens/step':>11} {'step ms':>9} {'tokens/s':>11} {'peak GiB':>9}")
     for r in results:
+        if "error" in r:
+            print(f"{r['model']:<6} failed: {r['error']}")
+            continue
         memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
         print(f"{r['model']:<6} {r['trainable_parameters'] / 1e6:>10.1f}M {r['tokens_per_step']:>11} "
               f"{r['median_step_ms']:>9.1f} {r['tokens_per_second']:>11,.0f} {memory:>9}")
     summary = {"environment": environment, "results": results}
-    by_name = {r["model"]: r for r in results}
+    by_name = {r["model"]: r for r in results if "error" not in r}
     if {"calm", "llama"} <= set(by_name):
         speedup = by_name["calm"]["tokens_per_second"] / by_name["llama"]["tokens_per_second"]
         summary["calm_over_llama_tokens_per_second"] = speedup

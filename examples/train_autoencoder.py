@@ -17,6 +17,7 @@ The output folder (and every checkpoint-N/ in it) holds a Hub-ready model with i
 """
 
 import argparse
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,16 +95,11 @@ def main():
     if tokenizer.pad_token is None:  # the paper appends [PAD] to Llama-3's 128,256 tokens
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     path = Path(model_args.preset)
-    path = path if path.is_file() else CONFIGURATION / f"{model_args.preset}.json"
-    values = json.loads(path.read_text())
+    values = json.loads((path if path.is_file() else CONFIGURATION / f"{model_args.preset}.json").read_text())
     values = values.get("autoencoder_config", values)  # a CALM preset nests the autoencoder
     values.pop("model_type", None)
-    values.update(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    values.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     values.update(parse_overrides(model_args.config_overrides))
     config = CalmAutoencoderConfig(**values)
     model = CalmAutoencoder(config)
@@ -111,10 +107,9 @@ def main():
     with training_args.main_process_first(desc="tokenizing"):
         pack = dict(tokenizer=tokenizer, block_size=data_args.block_size, patch_size=config.patch_size,
                     text_column=data_args.text_column)
-        train = tokenize_and_pack(
-            load_text_dataset(data_args.train_file, streaming=data_args.streaming, text_column=data_args.text_column),
-            **pack,
-        )
+        column = data_args.text_column
+        texts = load_text_dataset(data_args.train_file, streaming=data_args.streaming, text_column=column)
+        train = tokenize_and_pack(texts, **pack)
         evaluation = None
         if data_args.validation_file:
             evaluation = tokenize_and_pack(load_text_dataset(data_args.validation_file), **pack)
@@ -146,9 +141,10 @@ def main():
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a clean exit for every process of a torchrun launch
 
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # after main(): the DDP wrapper holding the group must be gone first
+        gc.collect()
+        torch.distributed.destroy_process_group()  # not at interpreter exit, where gloo's threads may abort

@@ -17,6 +17,7 @@ and every checkpoint-N/ load with `AutoModelForCausalLM.from_pretrained(path, tr
 """
 
 import argparse
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,10 +108,9 @@ def main():
 
     with training_args.main_process_first(desc="tokenizing"):
         pack = dict(tokenizer=tokenizer, block_size=block_size, patch_size=k, text_column=data_args.text_column)
-        train = tokenize_and_pack(
-            load_text_dataset(data_args.train_file, streaming=data_args.streaming, text_column=data_args.text_column),
-            **pack,
-        )
+        column = data_args.text_column
+        texts = load_text_dataset(data_args.train_file, streaming=data_args.streaming, text_column=column)
+        train = tokenize_and_pack(texts, **pack)
         evaluation = None
         if data_args.validation_file:
             evaluation = tokenize_and_pack(load_text_dataset(data_args.validation_file), **pack)
@@ -143,9 +143,10 @@ def main():
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a clean exit for every process of a torchrun launch
 
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # after main(): the DDP wrapper holding the group must be gone first
+        gc.collect()
+        torch.distributed.destroy_process_group()  # not at interpreter exit, where gloo's threads may abort

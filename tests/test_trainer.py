@@ -60,7 +60,9 @@ def test_calm_trainer_moves_every_trainable_parameter_keeps_the_autoencoder_froz
     model = CalmForCausalLM(tiny_calm_config(initializer_range=0.2))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     modes = []  # (model.training, autoencoder.training) at every autoencoder call during training
-    model.autoencoder.encoder.register_forward_hook(lambda *_: modes.append((model.training, model.autoencoder.training)))
+    model.autoencoder.encoder.register_forward_hook(
+        lambda *_: modes.append((model.training, model.autoencoder.training))
+    )
     args = make_args(tmp_path, gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=4)
     trainer = CalmTrainer(
         model=model, args=args, train_dataset=token_blocks(32), eval_dataset=token_blocks(8, seed=1),
@@ -240,6 +242,7 @@ def test_autoencoder_trainer_rejects_bad_noise_levels(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 DDP_SCRIPT = """
+import gc
 import torch, torch.distributed as dist
 from transformers import TrainingArguments
 from modeling_calm import CalmForCausalLM, CalmTrainer
@@ -268,6 +271,10 @@ if dist.get_rank() == 0:
     print("SAME_PARAMS", torch.equal(gathered[0], gathered[1]))
     print("SAME_LOGS", histories[0] == histories[1])
     print("LOGS", histories[0])
+# Free the DDP wrapper (it holds the process group) before destroying the group: a group left to interpreter
+# teardown sometimes aborts the process ("terminate called without an active exception" from gloo's threads).
+del trainer, model
+gc.collect()
 dist.destroy_process_group()
 """
 
