@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
 from .configuration_calm import CalmConfig
+from .generation_calm import CalmGenerationMixin
 from .modeling_calm_autoencoder import CalmAutoencoder, _init_calm_module
 from .modeling_calm_heads import CALM_HEADS
 
@@ -91,7 +92,7 @@ class CalmPreTrainedModel(PreTrainedModel):
         _init_calm_module(module, self.config.initializer_range)
 
 
-class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
+class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin):
     """CALM language model: frozen autoencoder + input compression + transformers decoder + generative head."""
 
     def __init__(self, config: CalmConfig):
@@ -103,6 +104,7 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         self._no_split_modules = list(self._no_split_modules) + list(getattr(self.model, "_no_split_modules", []))
         self.post_init()
         self.freeze_autoencoder()
+        self._init_calm_generation_config()
 
     # ----------------------------------------------------------------------------------------------------------
     # The frozen autoencoder
