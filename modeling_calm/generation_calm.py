@@ -614,6 +614,8 @@ class CalmGenerationMixin:
         else:
             result = self._calm_decode(plan, compiled=None, static=gc.cache_implementation == "static")
             self.calm_last_decoding = "eager" + (" (exact method)" if exact else "")
+            if settings["calm_compile"] is not False and getattr(self, "_calm_compile_failed", False):
+                self.calm_last_decoding += " (compiling failed earlier)"
 
         new_tokens, latents = result
         sequences = torch.cat([input_ids, new_tokens], dim=1)

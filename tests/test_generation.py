@@ -74,14 +74,17 @@ def test_layout_right_aligns_and_completes_the_first_chunk_with_bos():
     assert chunk_ids.tolist() == [[7, 8, 9, 10], [11, 12, 13, 14]] and dropped.tolist() == [2, 0]
 
 
-@pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_incremental_decoding_matches_teacher_forced_forward(model, cache_implementation):
+@pytest.mark.parametrize("head_type, cache_implementation", [("energy", None), ("energy", "static"), ("flow", None)])
+def test_incremental_decoding_matches_teacher_forced_forward(model, head_type, cache_implementation):
     """Step i consumes noise[i]: the latents equal the head applied, with that noise, to the hidden states of one
     full forward over BOS-completed prompt + generated chunks."""
+    if head_type == "flow":
+        model = make_model(head_type="flow")
     rows = random_rows([7, 10])
     ids, mask = left_pad(rows)
     steps = 5
-    noise = energy_noise(steps, 2)
+    # Energy head: uniform noise [steps, B, E]; flow head: the start points x0 [steps, B, Z] (Z = 8).
+    noise = energy_noise(steps, 2) if head_type == "energy" else torch.randn(steps, 2, 8)
     out = model.generate(
         ids, attention_mask=mask, max_new_tokens=steps * K, noise=noise, return_dict_in_generate=True,
         output_latents=True, cache_implementation=cache_implementation, **NO_STOPS,
@@ -411,6 +414,7 @@ def test_bad_arguments_raise_value_errors(model, kwargs, message):
 def test_bad_prompts_raise_value_errors(model):
     with pytest.raises(ValueError, match="non-empty"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
+    assert model.generate(max_new_tokens=4, seed=0).shape == (1, 5)  # no prompt: start from one BOS
     ids = torch.tensor(random_rows([8, 8], seed=24))
     mask = torch.ones_like(ids)
     mask[1] = 0
