@@ -74,13 +74,17 @@ def test_layout_right_aligns_and_completes_the_first_chunk_with_bos():
     assert chunk_ids.tolist() == [[7, 8, 9, 10], [11, 12, 13, 14]] and dropped.tolist() == [2, 0]
 
 
-@pytest.mark.parametrize("head_type, cache_implementation", [("energy", None), ("energy", "static"), ("flow", None)])
-def test_incremental_decoding_matches_teacher_forced_forward(model, head_type, cache_implementation):
+@pytest.mark.parametrize(
+    "head_type, cache_implementation, lengths",
+    [("energy", None, [7, 10]), ("energy", "static", [7, 10]), ("energy", "static", [9, 11]), ("flow", None, [7, 10])],
+)
+def test_incremental_decoding_matches_teacher_forced_forward(model, head_type, cache_implementation, lengths):
     """Step i consumes noise[i]: the latents equal the head applied, with that noise, to the hidden states of one
-    full forward over BOS-completed prompt + generated chunks."""
+    full forward over BOS-completed prompt + generated chunks. Lengths 7 and 10 give rows of 2 and 3 chunks (a
+    pad chunk); 9 and 11 give 3 chunks each (no chunk mask at all)."""
     if head_type == "flow":
         model = make_model(head_type="flow")
-    rows = random_rows([7, 10])
+    rows = random_rows(lengths)
     ids, mask = left_pad(rows)
     steps = 5
     # Energy head: uniform noise [steps, B, E]; flow head: the start points x0 [steps, B, Z] (Z = 8).
