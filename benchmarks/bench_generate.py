@@ -63,6 +63,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--calm-compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--calm-compile-mode", default="reduce-overhead",
+        help="torch.compile mode of CALM's decoding step ('reduce-overhead' = CUDA graphs, 'default', "
+        "'max-autotune', ...) or 'backend:NAME' (e.g. 'backend:eager' to check the traced path quickly)",
+    )
     parser.add_argument("--no-calm-eager", action="store_true", help="skip the eager CALM runs")
     parser.add_argument("--no-llama", action="store_true", help="skip the Llama baselines")
     parser.add_argument("--no-llama-static", action="store_true", help="skip the Llama static-cache runs")
@@ -181,7 +186,10 @@ def main() -> None:
             for name, flag in variants:
 
                 def run_calm(flag=flag):
-                    return calm.generate(prompts, attention_mask=mask, calm_compile=flag, **settings)
+                    return calm.generate(
+                        prompts, attention_mask=mask, calm_compile=flag, calm_compile_mode=args.calm_compile_mode,
+                        **settings,
+                    )
 
                 stats = measure(run_calm, args, args.new_tokens, args.prompt_tokens)
                 record(name, batch, temperature, calm.calm_last_decoding, stats)
