@@ -466,8 +466,8 @@ class CalmGenerationMixin:
             temperature: T in (0, 1] (`calm_temperature`, default 1). Fluent text needs T <= 0.5 with the
                 approximate method and N ~ 200 (the authors' advice).
             sampling_method: "approximate" (default; Algorithm 2 over N candidates, generalised to any T) or
-                "exact" (Algorithm 1, eager, draws until accepted; after `max_rounds` rounds of 16 head calls a row
-                falls back to the approximate method with a warning). `calm_sampling_method`.
+                "exact" (Algorithm 1, eager, draws until accepted; a row still unfinished after `max_rounds` rounds
+                of 16 head samples falls back to the approximate method with a warning). `calm_sampling_method`.
             num_candidates: N for the approximate method (`calm_num_candidates`, default 200).
             max_rounds: cap of the exact method (`calm_max_rounds`, default 1000).
             stop_on_bos: a generated BOS (a document start; CALM's training text has no EOS) stops the row like
@@ -488,6 +488,9 @@ class CalmGenerationMixin:
         """
         if kwargs.get("custom_generate") is not None:
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids is None and kwargs.get("inputs") is not None:
+            input_ids = kwargs.pop("inputs")  # transformers' name of the first argument
+        kwargs.pop("inputs", None)
         explicit = {
             "calm_temperature": temperature,
             "calm_sampling_method": sampling_method,

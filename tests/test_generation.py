@@ -419,6 +419,8 @@ def test_bad_prompts_raise_value_errors(model):
     with pytest.raises(ValueError, match="non-empty"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
     assert model.generate(max_new_tokens=4, seed=0).shape == (1, 5)  # no prompt: start from one BOS
+    ids = torch.tensor(random_rows([8], seed=25))
+    assert torch.equal(model.generate(inputs=ids, max_new_tokens=4, seed=0), model.generate(ids, max_new_tokens=4, seed=0))
     ids = torch.tensor(random_rows([8, 8], seed=24))
     mask = torch.ones_like(ids)
     mask[1] = 0
