@@ -21,6 +21,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
+from .brier_calm import BRIER_LM_MAX_N, brier_indicators
 from .configuration_calm import CalmConfig
 from .modeling_calm_autoencoder import CalmAutoencoder, _init_calm_module
 from .modeling_calm_heads import CALM_HEADS
@@ -28,8 +29,6 @@ from .modeling_calm_heads import CALM_HEADS
 
 logger = logging.get_logger(__name__)
 
-# Brier-n is reported for n = 1..BRIER_MAX_N (BrierLM is the geometric mean of Brier-1..4, CALM.md section 3).
-BRIER_MAX_N = 4
 
 
 @dataclass
@@ -319,18 +318,5 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
                 if samples is None:
                     samples = self.head.sample(hidden_valid.unsqueeze(0).expand(2, -1, -1), generator=generator)
                 predictions = self.autoencoder.decode(samples[:2].unsqueeze(-2)).argmax(-1)  # [2, N, K]
-                brier = _brier_from_samples(predictions[0], predictions[1], targets, min(k, BRIER_MAX_N))
+                brier = brier_indicators(predictions[0], predictions[1], targets, max_n=min(k, BRIER_LM_MAX_N)).mean(0)
         return loss, fidelity, diversity, brier
-
-
-def _brier_from_samples(first: torch.Tensor, second: torch.Tensor, targets: torch.Tensor, max_n: int) -> torch.Tensor:
-    """Mean Brier-1..max_n over positions from two samples `[N, >=n]` and targets `[N, >=n]`.
-
-    Brier-n estimate at a position: 1{x1[:n] = y[:n]} + 1{x2[:n] = y[:n]} - 1{x1[:n] = x2[:n]} (unbiased for
-    2 P(y) - sum_x P(x)^2 on n-grams); the running products make "all of the first n tokens equal".
-    """
-    first, second, targets = first[:, :max_n], second[:, :max_n], targets[:, :max_n]
-    hit1 = (first == targets).long().cumprod(-1)
-    hit2 = (second == targets).long().cumprod(-1)
-    same = (first == second).long().cumprod(-1)
-    return (hit1 + hit2 - same).float().mean(0)
