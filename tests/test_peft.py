@@ -2,7 +2,11 @@
 training, adapter save/reload, merge_and_unload, AutoPeftModelForCausalLM, and remote-code loads."""
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,8 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
-from modeling_calm import CalmForCausalLM
+from modeling_calm import CalmConfig, CalmForCausalLM
+from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.peft_calm import (
     CALM_PEFT_METHODS,
     calm_lora_config,
@@ -18,7 +23,7 @@ from modeling_calm.peft_calm import (
     calm_target_modules,
     calm_targetable_modules,
 )
-from tests.conftest import tiny_calm_config
+from tests.conftest import tiny_autoencoder_config, tiny_calm_config
 from tests.test_hub import SHIPPED_CALM_FILES, _run_isolated
 
 
@@ -315,3 +320,65 @@ def test_peft_method_trains_reloads_and_merges(method, tmp_path):
     merged_hidden, merged_loss = _outputs(merged, base.config)
     torch.testing.assert_close(merged_hidden, hidden, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged_loss, loss, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# examples/finetune_lora.py
+# ------------------------------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = [
+    "CALM predicts the next vector instead of the next token.",
+    "Each vector stands for a chunk of K tokens.",
+    "The autoencoder maps a chunk to a vector and back.",
+    "An energy head is trained without likelihoods.",
+]
+
+
+def test_finetune_lora_example_script(tmp_path):
+    tokenizer = train_bpe_tokenizer(iter(SENTENCES * 5), vocab_size=300, min_frequency=1)
+    vocab = len(tokenizer)
+    config = CalmConfig(
+        autoencoder_config=tiny_autoencoder_config(vocab_size=vocab),
+        backbone_config=dict(tiny_calm_config().backbone_config.to_dict(), vocab_size=vocab),
+        noise_size=8, num_mlp_layers=2, num_samples=4, num_target_samples=16,
+    )
+    torch.manual_seed(0)
+    base = CalmForCausalLM(config)
+    nn.init.normal_(base.head.output.fc2.weight, std=0.1)  # a "trained" head: gradients reach the backbone
+    model_dir = tmp_path / "calm"
+    base.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("\n".join(SENTENCES * 10) + "\n", encoding="utf-8")
+    out = tmp_path / "lora"
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "finetune_lora.py"), "--model", str(model_dir),
+         "--train_file", str(train_file), "--output_dir", str(out), "--block_size", "16",
+         "--per_device_train_batch_size", "2", "--max_steps", "2", "--lora_r", "4", "--lora_alpha", "8",
+         "--learning_rate", "1e-2", "--merge"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained 2 steps" in result.stdout
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["base_model_name_or_path"] == str(model_dir)
+    assert adapter_config["target_modules"] == calm_target_modules("backbone+head")
+
+    merged_dir = out / "merged"
+    assert SHIPPED_CALM_FILES <= {p.name for p in merged_dir.iterdir()}
+    merged = CalmForCausalLM.from_pretrained(merged_dir)
+    base_weights, merged_weights = base.state_dict(), merged.state_dict()
+    assert base_weights.keys() == merged_weights.keys()
+    targets = calm_target_modules()
+    for name, weight in merged_weights.items():
+        same = torch.equal(weight, base_weights[name])
+        if name.endswith(".weight") and re.fullmatch(targets, name.removesuffix(".weight")):
+            assert not same, name  # two steps moved every LoRA B, so every merged target changed
+        else:
+            assert same, name  # the autoencoder, biases, norms and embeddings are not adapted
