@@ -75,7 +75,8 @@ def main():
         blocks = tokenize_and_pack(
             texts, tokenizer, args.block_size, patch_size=patch_size, text_column=args.text_column
         )
-    print(f"{len(blocks)} training blocks of {args.block_size} tokens ({args.block_size // patch_size} steps of K={patch_size})")
+    steps = args.block_size // patch_size
+    print(f"{len(blocks)} training blocks of {args.block_size} tokens ({steps} steps of K={patch_size})")
 
     lora = calm_lora_config(
         r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target=args.lora_target,

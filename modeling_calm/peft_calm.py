@@ -2,14 +2,16 @@
 
 Not shipped to the Hub (the modeling files never import it); needs `peft` (a core dependency of the package).
 
-A CALM has three trainable parts and one frozen part:
+The parts a PEFT method may adapt (everything but the frozen autoencoder):
 
 | part (`target=`) | modules (names inside `CalmForCausalLM`) |
 |---|---|
 | `attention` | `model.layers.N.self_attn.{q,k,v,o}_proj` |
 | `mlp` | `model.layers.N.mlp.{gate,up,down}_proj` |
 | `compression` | `chunk_proj.{in,out}_proj` (K token embeddings -> one backbone input) |
-| `head` | energy head: `head.{noise,hidden}_proj`, `head.blocks.N.{fc1,fc2,fc3,down_proj}`, `head.output.{fc1,fc2}`; flow head: `head.{input,hidden}_proj`, `head.time_proj.{0,2}`, `head.blocks.N.{fc1,fc2,modulation}`, `head.output.{fc1,fc2}` |
+| `head` | energy head: `head.{noise,hidden}_proj`, `head.blocks.N.{fc1,fc2,fc3,down_proj}`, `head.output.{fc1,fc2}`; |
+| | flow head: `head.{input,hidden}_proj`, `head.time_proj.{0,2}`, `head.blocks.N.{fc1,fc2,modulation}`, |
+| | `head.output.{fc1,fc2}` |
 
 `backbone` = attention + mlp + compression, `all` = every part. The autoencoder is never a target: its latent space
 is what the head was trained to predict, so changing it would silently invalidate the head and every BrierLM
