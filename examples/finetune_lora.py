@@ -5,9 +5,13 @@ untouched (see modeling_calm/peft_calm.py). The text is packed into fixed blocks
 multiple of K) and trained with the model's own energy loss. Every `TrainingArguments` flag works too
 (--per_device_train_batch_size, --gradient_accumulation_steps, --save_steps, --bf16, ...).
 
-Tiny CPU run (seconds), on a CALM folder that holds a tokenizer of the same vocabulary:
+Tiny CPU run (seconds; a random tiny CALM from the preset, with a tokenizer trained on the same text):
     printf 'CALM predicts the next vector.\\nEach vector stands for K tokens.\\n%.0s' {1..50} > /tmp/tiny.txt
-    python examples/finetune_lora.py --model runs/calm-tiny --train_file /tmp/tiny.txt --block_size 32 \\
+    python examples/train_tokenizer.py --train_file /tmp/tiny.txt --vocab_size 512 --num_heldout 5 \\
+        --output_dir /tmp/calm-tiny
+    python -c "from modeling_calm import CalmConfig, CalmForCausalLM as M; \\
+        M(CalmConfig.from_json_file('configuration/tiny.json')).save_pretrained('/tmp/calm-tiny')"
+    python examples/finetune_lora.py --model /tmp/calm-tiny --train_file /tmp/tiny.txt --block_size 32 \\
         --per_device_train_batch_size 2 --max_steps 10 --lora_r 4 --output_dir /tmp/calm-lora --merge
 
 Real run (GPU):
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
+from modeling_calm.card_calm import build_model_card
 from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, tokenize_and_pack
 from modeling_calm.peft_calm import calm_lora_config
 
@@ -45,7 +50,9 @@ class FinetuneArguments:
         metadata={"help": "Parts to adapt, joined by '+': attention, mlp, compression, head, backbone, all."},
     )
     use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA) instead of LoRA."})
-    merge: bool = field(default=False, metadata={"help": "Also save the merged model in OUTPUT_DIR/merged."})
+    merge: bool = field(
+        default=False, metadata={"help": "Also save the merged model (with a model card) in OUTPUT_DIR/merged."}
+    )
 
 
 @dataclass
@@ -105,7 +112,16 @@ def main():
         merged = model.merge_and_unload()  # a plain CalmForCausalLM with the LoRA updates folded in
         merged.save_pretrained(merged_dir)  # weights, config with auto_map, and the modeling code
         tokenizer.save_pretrained(merged_dir)
-        print(f"saved the merged model to {merged_dir}")
+        card = build_model_card(
+            merged,
+            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+            base_model=None if os.path.exists(args.model) else args.model,  # metadata wants a Hub id
+            training_data=args.train_file,
+            extra_sections={"Fine-tuning": f"LoRA (r={args.lora_r}, alpha={args.lora_alpha}, {args.lora_target}) "
+                            f"for {result.global_step} steps on top of {args.model}, merged into the weights."},
+        )
+        card.save(os.path.join(merged_dir, "README.md"))
+        print(f"saved the merged model and its card to {merged_dir}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -371,7 +372,9 @@ def test_finetune_lora_example_script(tmp_path):
     assert adapter_config["target_modules"] == calm_target_modules("backbone+head")
 
     merged_dir = out / "merged"
-    assert SHIPPED_CALM_FILES <= {p.name for p in merged_dir.iterdir()}
+    assert SHIPPED_CALM_FILES | {"README.md", "tokenizer.json"} <= {p.name for p in merged_dir.iterdir()}
+    card = ModelCard.load(merged_dir / "README.md")
+    assert card.data.model_name == "lora" and "LoRA (r=4, alpha=8, backbone+head) for 2 steps" in card.text
     merged = CalmForCausalLM.from_pretrained(merged_dir)
     base_weights, merged_weights = base.state_dict(), merged.state_dict()
     assert base_weights.keys() == merged_weights.keys()
