@@ -15,6 +15,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from peft import get_peft_model
+from safetensors.torch import load
 
 from modeling_calm import CalmAutoencoder, CalmConfig, CalmForCausalLM
 from modeling_calm.card_calm import (
@@ -275,11 +276,8 @@ def test_standard_push_to_hub_calls_include_code_and_card(hub, tokenizer_and_fil
     assert set(model_commit.files) == {"config.json", "generation_config.json", "model.safetensors",
                                        "README.md"} | SHIPPED_CALM_FILES
     assert "auto_map" in json.loads(model_commit.files["config.json"])
-    loaded = {k: torch.as_tensor(v) for k, v in model.state_dict().items()}
-    from safetensors.torch import load
-
-    staged = load(model_commit.files["model.safetensors"])
-    assert staged.keys() <= loaded.keys() and all(torch.equal(staged[k], loaded[k]) for k in staged)
+    weights, staged = model.state_dict(), load(model_commit.files["model.safetensors"])
+    assert staged and staged.keys() <= weights.keys() and all(torch.equal(staged[k], weights[k]) for k in staged)
     assert tokenizer_files <= set(tokenizer_commit.files)
     assert set(card_commit.files) == {"README.md"}
     assert _metrics(ModelCard(card_commit.files["README.md"].decode())) == {
