@@ -119,6 +119,18 @@ def exact_brier(chunks: list[list[int]], probs: list[float], target: list[int], 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def record_head_calls(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Wraps `model.head.sample` to record every (hidden [N, D], noise [N, E]) it is called with."""
+    calls, sample = [], model.head.sample
+
+    def recording(hidden_states, noise=None, generator=None):
+        calls.append((hidden_states.reshape(-1, hidden_states.shape[-1]), noise.reshape(-1, noise.shape[-1])))
+        return sample(hidden_states, noise=noise, generator=generator)
+
+    model.head.sample = recording
+    return calls
+
+
 @pytest.mark.parametrize(
     "k,head_type,attn,length",
     [(1, "energy", "sdpa", 12), (2, "energy", "sdpa", 12), (2, "energy", "eager", 12), (3, "energy", "sdpa", 12),
@@ -131,11 +143,21 @@ def test_fast_sampler_matches_reference(k, head_type, attn, length):
     labels = ids.clone()
     labels[1, 5] = -100
     noise = draw_brier_noise(model, 2, length // k, MAX_N, torch.Generator().manual_seed(1))
+    calls = record_head_calls(model)
     fast = sample_brier_continuations(model, ids, noise=noise)
+    fast_calls = calls[:]
+    calls.clear()
     ref = sample_brier_continuations_ref(model, ids, noise=noise)
     steps = math.ceil(MAX_N / k)
     assert fast.shape == (2, length // k, 2, steps * k)
     assert torch.equal(fast, ref)
+    # Tokens are robust to small errors in the context (argmax of a tiny model), so check the hidden state the
+    # head saw for every noise entry: a wrong mask or position id moves it by >= 1e-4, rounding by ~1e-6.
+    fast_hidden, fast_noise = (torch.cat(t) for t in zip(*fast_calls))
+    ref_hidden, ref_noise = (torch.cat(t) for t in zip(*calls))
+    match = (ref_noise[:, None] == fast_noise[None]).all(-1)  # [N_ref, N_fast]: which call used the same noise
+    assert ref_hidden.shape == fast_hidden.shape and (match.sum(1) == 1).all()
+    torch.testing.assert_close(ref_hidden, fast_hidden[match.float().argmax(1)], atol=2e-5, rtol=0)
     positions = brier_num_positions(length, k)
     assert (fast[:, positions:] == -1).all() and (fast[:, :positions] >= 0).all()
     assert fast[:, :positions].unique().numel() > 4  # the samples are not all one token
