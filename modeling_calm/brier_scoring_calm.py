@@ -107,7 +107,9 @@ def draw_brier_noise(
         return draw(shape, device, generator)
     latent_size = getattr(head, "latent_size", None)
     if latent_size is None:
-        raise ValueError(f"Cannot draw noise for head {type(head).__name__}: it has neither draw_noise nor latent_size.")
+        raise ValueError(
+            f"Cannot draw noise for head {type(head).__name__}: it has neither draw_noise nor latent_size."
+        )
     # Flow head: the noise is the start point x0 ~ N(0, I) of its sampler.
     return torch.randn((*shape, latent_size), device=device, generator=generator)
 
@@ -120,7 +122,9 @@ def _prepare_noise(model, input_ids, max_n, noise, generator) -> torch.Tensor:
     else:
         expected = (batch, num_chunks, NUM_BRIER_SAMPLES, brier_num_steps(model.config.patch_size, max_n))
         if tuple(noise.shape[:-1]) != expected:
-            raise ValueError(f"noise must have shape [B, L, 2, R, E] with leading {expected}, got {tuple(noise.shape)}.")
+            raise ValueError(
+                f"noise must have shape [B, L, 2, R, E] with leading {expected}, got {tuple(noise.shape)}."
+            )
     return noise.to(input_ids.device)
 
 
@@ -142,7 +146,8 @@ def _check_attention(model) -> None:
         raise ValueError(
             f"The fast CALM Brier sampler continues samples (K={model.config.patch_size} < max_n) under a custom "
             f"4-D attention mask, which needs attention implementation {' or '.join(_MASKABLE_ATTENTION)}; got "
-            f"{impl!r}. Call model.model.set_attn_implementation('sdpa') first (the backbone's), or use score_brier_ref."
+            f"{impl!r}. Call model.model.set_attn_implementation('sdpa') first (the backbone's), or use "
+            f"score_brier_ref."
         )
 
 

@@ -241,10 +241,10 @@ def test_bad_inputs():
         sample_brier_continuations(model, torch.zeros(1, 8, dtype=torch.long), noise=torch.rand(1, 2, 2, 2, 8))
     short = model.score_brier(torch.zeros(2, 4, dtype=torch.long))  # no boundary has 4 future tokens
     assert short[0].shape == (2, 1, MAX_N) and not short[1].any()
-    eager = tiny_calm(2)
-    eager.model.config._attn_implementation = "flash_attention_2"
+    flash = tiny_calm(2)  # K=2 < 4 needs the masked continuation; K=4 would not
+    flash.model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2"):
-        eager.score_brier(torch.zeros(1, 8, dtype=torch.long))
+        flash.score_brier(torch.zeros(1, 8, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,7 +348,8 @@ def test_score_brier_through_remote_code(tmp_path):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert "transformers_modules" in type(model).__module__
-        brier, mask = model.score_brier(torch.load({str(tmp_path / 'ids.pt')!r}), generator=torch.Generator().manual_seed(3))
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        brier, mask = model.score_brier(ids, generator=torch.Generator().manual_seed(3))
         assert torch.equal(brier, torch.load({str(tmp_path / 'expected.pt')!r}))
         print("OK")
     """
