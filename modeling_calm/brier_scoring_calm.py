@@ -146,7 +146,7 @@ def _check_attention(model) -> None:
         raise ValueError(
             f"The fast CALM Brier sampler continues samples (K={model.config.patch_size} < max_n) under a custom "
             f"4-D attention mask, which needs attention implementation {' or '.join(_MASKABLE_ATTENTION)}; got "
-            f"{impl!r}. Call model.model.set_attn_implementation('sdpa') first (the backbone's), or use "
+            f"{impl!r}. Call model.set_attn_implementation('sdpa') first, or use "
             f"score_brier_ref."
         )
 
