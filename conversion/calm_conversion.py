@@ -598,6 +598,7 @@ def convert_calm(
         calm_original, ae_config, head_type, str(calm_dir / "config.json"), str(autoencoder_dir / "config.json")
     )
     notes = []
+    check_tied(state, AUTOENCODER_TIED_KEYS, prefix=CALM_AUTOENCODER_PREFIX)
 
     # The autoencoder: the CALM's own copy if present, checked against the autoencoder folder's weights.
     has_copy = any(k.startswith(CALM_AUTOENCODER_PREFIX) for k in state)
@@ -609,6 +610,7 @@ def convert_calm(
         )
     if ae_files_present:
         ae_state, ae_files = load_state_dict(autoencoder_dir)
+        check_tied(ae_state, AUTOENCODER_TIED_KEYS)
         files += ae_files
         if has_copy:
             copy = {k[len(CALM_AUTOENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(CALM_AUTOENCODER_PREFIX)}
@@ -629,7 +631,6 @@ def convert_calm(
             state = {**state, **{CALM_AUTOENCODER_PREFIX + k: v for k, v in ae_state.items()}}
             notes.append(f"no {CALM_AUTOENCODER_PREFIX}* copy in the CALM checkpoint: autoencoder weights read from {autoencoder_dir}")
 
-    check_tied(state, AUTOENCODER_TIED_KEYS, prefix=CALM_AUTOENCODER_PREFIX)
     if head_prefix == HEAD_PREFIX:
         check_duplicate_prefix(state, DUPLICATE_HEAD_PREFIX, HEAD_PREFIX)
         key_map = calm_key_map(head_type)
