@@ -20,12 +20,11 @@ source key is renamed or explicitly dropped, every renamed key must exist in the
 and every target weight must come from the checkpoint (tied weights excepted); anything else is a `ValueError`
 naming the keys.
 
-This module is a tool, not shipped to the Hub: it may import huggingface_hub, safetensors and the package.
+A tool, not shipped to the Hub: it may import safetensors and the package. `converted_folder.py` writes the result.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 from collections import defaultdict
@@ -34,7 +33,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
@@ -118,8 +116,10 @@ def calm_key_map(head_type: str = "energy") -> dict[str, str | None]:
 # Why each None entry drops its keys (looked up by the same regex).
 DROP_REASONS: dict[str, str] = {
     r"decoder\.lm_head_weight": "tied to encoder.embed_tokens.weight (checked equal)",
-    re.escape(CALM_AUTOENCODER_PREFIX) + r"decoder\.lm_head_weight": "tied to ae_model.encoder.embed_tokens.weight (checked equal)",
-    re.escape(DUPLICATE_HEAD_PREFIX) + r".+": "second registration of the generative head (checked equal to generative_head.*)",
+    re.escape(CALM_AUTOENCODER_PREFIX) + r"decoder\.lm_head_weight":
+        "tied to ae_model.encoder.embed_tokens.weight (checked equal)",
+    re.escape(DUPLICATE_HEAD_PREFIX) + r".+":
+        "second registration of the generative head (checked equal to generative_head.*)",
 }
 UNUSED_LAYER_REASON = "last layer of an odd layer count: saved but never run by the reference"
 
@@ -135,15 +135,14 @@ LLAMA_CONFIG_FIELDS = (
     "attention_bias", "attention_dropout", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
 )
 CALM_CONFIG_FIELDS = ("patch_size", "latent_size", "noise_size", "num_mlp_layers", "num_samples", "beta")
-# Read, but only to be dropped knowingly: bookkeeping of the authors' transformers 4.43 run.
-KNOWN_UNUSED_CONFIG_FIELDS = (
+# Not copied as they are: read specially (rope_theta/rope_scaling -> rope_parameters, mlp_bias checked) or
+# bookkeeping of the authors' transformers 4.43 run (ae_path is a stale absolute path on their machine).
+NOT_COPIED_CONFIG_FIELDS = (
     "architectures", "ae_path", "torch_dtype", "transformers_version", "use_cache", "tie_word_embeddings",
     "pretraining_tp", "rope_theta", "rope_scaling", "max_position_embeddings", "mlp_bias", "_name_or_path",
 )
 # Every LayerNorm of the authors' head and embed_proj uses this eps, whatever their config says.
 REFERENCE_HEAD_NORM_EPS = 1e-6
-# The Llama-3 tokenizer has no pad token; the authors appended this one (id 128256, vocabulary 128,257).
-PAD_TOKEN = "[PAD]"
 
 WEIGHT_FILES = (  # in order of preference, as transformers' from_pretrained
     "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
@@ -295,6 +294,9 @@ def calm_config_from_original(
                 "trained with."
             )
     calm_values = {n: original[n] for n in CALM_CONFIG_FIELDS if n in original}
+    missing = [n for n in CALM_CONFIG_FIELDS if n not in original]
+    if missing:  # the shapes of noise_size / num_mlp_layers are still checked against the weights
+        logger.warning(f"{source} lacks {missing}: CalmConfig's defaults (the paper's values) are used.")
     return CalmConfig(
         autoencoder_config=autoencoder_config.to_dict(),
         backbone_config=backbone_config_from_original(original, source),
@@ -305,8 +307,8 @@ def calm_config_from_original(
 
 
 def ignored_config_fields(original: dict, used: tuple[str, ...]) -> list[str]:
-    """Fields neither read nor known to be bookkeeping (reported, so nothing disappears silently)."""
-    return sorted(set(original) - set(used) - set(KNOWN_UNUSED_CONFIG_FIELDS))
+    """Fields neither read nor known bookkeeping (reported, so nothing disappears silently)."""
+    return sorted(set(original) - set(used) - set(NOT_COPIED_CONFIG_FIELDS))
 
 
 def infer_head_type(state_dict: dict[str, torch.Tensor]) -> tuple[str, str]:
@@ -541,11 +543,14 @@ def _dtype(name: str) -> torch.dtype:
 # Conversions
 # ------------------------------------------------------------------------------------------------------------------
 
-def convert_autoencoder(autoencoder_dir: str | Path, dtype: str = "float32") -> tuple[CalmAutoencoder, ConversionReport]:
+def convert_autoencoder(
+    autoencoder_dir: str | Path, dtype: str = "float32"
+) -> tuple[CalmAutoencoder, ConversionReport]:
     """Convert the authors' autoencoder folder (config.json + weights) into a `CalmAutoencoder` (eval mode).
 
     Args:
-        autoencoder_dir: folder with the authors' `config.json` and `pytorch_model.bin` (or safetensors, sharded or not).
+        autoencoder_dir: folder with the authors' `config.json` and weights (`pytorch_model.bin` or safetensors,
+            sharded or not).
         dtype: "float32" or "bfloat16", the dtype of the converted weights.
     """
     torch_dtype = _dtype(dtype)
@@ -554,7 +559,9 @@ def convert_autoencoder(autoencoder_dir: str | Path, dtype: str = "float32") -> 
     config, unused_layers = autoencoder_config_from_original(original, str(folder / "config.json"))
     state, files = load_state_dict(folder)
     check_tied(state, AUTOENCODER_TIED_KEYS)
-    renamed, origin, dropped, unmatched = rename_state_dict(state, AUTOENCODER_KEY_MAP, _unused_layer_prefixes(unused_layers))
+    renamed, origin, dropped, unmatched = rename_state_dict(
+        state, AUTOENCODER_KEY_MAP, _unused_layer_prefixes(unused_layers)
+    )
     model = _build(CalmAutoencoder, config)
     tied = check_against_target(renamed, origin, unmatched, model)
     _load_into(model, renamed, tied)
@@ -567,6 +574,46 @@ def convert_autoencoder(autoencoder_dir: str | Path, dtype: str = "float32") -> 
     if unused_layers:
         report.notes.append(f"odd layer counts: converted with {unused_layers} as the (dropped) unused layer index")
     return model, report
+
+
+def _with_autoencoder_weights(
+    state: dict[str, torch.Tensor], autoencoder_dir: Path, allow_mismatch: bool
+) -> tuple[dict[str, torch.Tensor], list[Path], list[str]]:
+    """The CALM state dict with its `ae_model.*` autoencoder: the CALM's own copy (what the reference runs after
+    `from_pretrained`), checked against the autoencoder folder's weights; or those weights when there is no copy.
+
+    Returns:
+        `(state, files_read, notes)`.
+    """
+    prefix = CALM_AUTOENCODER_PREFIX
+    copy = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not any((autoencoder_dir / n).is_file() for n in WEIGHT_FILES):
+        if not copy:
+            raise ValueError(
+                f"No autoencoder weights: the CALM checkpoint has no {prefix}* keys and {autoencoder_dir} holds no "
+                f"weights ({', '.join(WEIGHT_FILES)})."
+            )
+        return state, [], [f"autoencoder weights: the CALM's {prefix}* copy ({autoencoder_dir} has only a config)"]
+    ae_state, files = load_state_dict(autoencoder_dir)
+    check_tied(ae_state, AUTOENCODER_TIED_KEYS)
+    if not copy:
+        state = {**state, **{prefix + k: v for k, v in ae_state.items()}}
+        return state, files, [f"no {prefix}* copy in the CALM checkpoint: autoencoder weights from {autoencoder_dir}"]
+    differ = sorted(
+        k for k in set(copy) | set(ae_state)
+        if k not in copy or k not in ae_state or copy[k].shape != ae_state[k].shape
+        or not torch.equal(copy[k], ae_state[k].to(copy[k].dtype))
+    )
+    if differ and not allow_mismatch:
+        raise ValueError(
+            f"The autoencoder in {autoencoder_dir} differs from the CALM's own copy ({prefix}*) in "
+            f"{differ[:10]}{' ...' if len(differ) > 10 else ''}: is it the autoencoder this CALM was trained with? "
+            "Pass allow_autoencoder_mismatch to convert with the CALM's copy anyway."
+        )
+    if differ:
+        return state, files, [f"the autoencoder folder differs from the CALM's copy in {len(differ)} tensors; "
+                              "used the copy"]
+    return state, files, ["the CALM's autoencoder copy equals the autoencoder folder's weights"]
 
 
 def convert_calm(
@@ -597,45 +644,16 @@ def convert_calm(
     config = calm_config_from_original(
         calm_original, ae_config, head_type, str(calm_dir / "config.json"), str(autoencoder_dir / "config.json")
     )
-    notes = []
     check_tied(state, AUTOENCODER_TIED_KEYS, prefix=CALM_AUTOENCODER_PREFIX)
-
-    # The autoencoder: the CALM's own copy if present, checked against the autoencoder folder's weights.
-    has_copy = any(k.startswith(CALM_AUTOENCODER_PREFIX) for k in state)
-    ae_files_present = any((autoencoder_dir / n).is_file() for n in WEIGHT_FILES)
-    if not has_copy and not ae_files_present:
-        raise ValueError(
-            f"Neither {calm_dir} (no {CALM_AUTOENCODER_PREFIX}* keys) nor {autoencoder_dir} (no weights) holds the "
-            "autoencoder's weights."
-        )
-    if ae_files_present:
-        ae_state, ae_files = load_state_dict(autoencoder_dir)
-        check_tied(ae_state, AUTOENCODER_TIED_KEYS)
-        files += ae_files
-        if has_copy:
-            copy = {k[len(CALM_AUTOENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(CALM_AUTOENCODER_PREFIX)}
-            differ = sorted(k for k in set(copy) | set(ae_state)
-                            if k not in copy or k not in ae_state or copy[k].shape != ae_state[k].shape
-                            or not torch.equal(copy[k], ae_state[k].to(copy[k].dtype)))
-            if differ and not allow_autoencoder_mismatch:
-                raise ValueError(
-                    f"The autoencoder in {autoencoder_dir} differs from the CALM's own copy ({CALM_AUTOENCODER_PREFIX}*) "
-                    f"in {differ[:10]}{' ...' if len(differ) > 10 else ''}: is it the autoencoder this CALM was "
-                    "trained with? Pass allow_autoencoder_mismatch to convert with the CALM's copy anyway."
-                )
-            if differ:
-                notes.append(f"autoencoder folder differs from the CALM's copy in {len(differ)} tensors; used the copy")
-            else:
-                notes.append("the CALM's autoencoder copy equals the autoencoder folder's weights")
-        else:
-            state = {**state, **{CALM_AUTOENCODER_PREFIX + k: v for k, v in ae_state.items()}}
-            notes.append(f"no {CALM_AUTOENCODER_PREFIX}* copy in the CALM checkpoint: autoencoder weights read from {autoencoder_dir}")
+    state, ae_files, notes = _with_autoencoder_weights(state, autoencoder_dir, allow_autoencoder_mismatch)
+    files += ae_files
 
     if head_prefix == HEAD_PREFIX:
         check_duplicate_prefix(state, DUPLICATE_HEAD_PREFIX, HEAD_PREFIX)
         key_map = calm_key_map(head_type)
     else:  # only the second registration was saved: read the head from it
-        key_map = {k: v for k, v in calm_key_map(head_type).items() if not k.startswith(re.escape(DUPLICATE_HEAD_PREFIX))}
+        duplicate = re.escape(DUPLICATE_HEAD_PREFIX)
+        key_map = {k: v for k, v in calm_key_map(head_type).items() if not k.startswith(duplicate)}
         key_map.update(_prefixed(HEAD_KEY_MAPS[head_type], DUPLICATE_HEAD_PREFIX, "head."))
     renamed, origin, dropped, unmatched = rename_state_dict(
         state, key_map, _unused_layer_prefixes(unused_layers, CALM_AUTOENCODER_PREFIX)
@@ -657,235 +675,3 @@ def convert_calm(
         notes=notes,
     )
     return model, report
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Output folder: weights, config, code, generation config, tokenizer, card
-# ------------------------------------------------------------------------------------------------------------------
-
-def calm_generation_config(config: CalmConfig, max_new_tokens: int = 256) -> GenerationConfig:
-    """Generation defaults of a converted CALM.
-
-    CALM always samples (its head has no argmax), so `do_sample=True`; temperature 1 samples the model's own
-    distribution (the paper's BrierLM setting, and one head call per step). The authors advise temperature <= 0.5
-    for fluent text, at the cost of many candidate draws per step. `max_new_tokens` is a multiple of K.
-    """
-    k = config.patch_size
-    return GenerationConfig(
-        do_sample=True,
-        temperature=1.0,
-        max_new_tokens=max(k, max_new_tokens // k * k),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
-
-
-def prepare_tokenizer(tokenizer_dir: str | Path, vocab_size: int, pad_token_id: int | None):
-    """Load a tokenizer from a local folder and make its pad token agree with the model.
-
-    The authors used the Llama-3 tokenizer plus a "[PAD]" token appended at id 128,256 (vocabulary 128,257); the
-    Llama-3 release has no pad token, so it is added here when the model's pad id is the next free id.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    if tokenizer.pad_token is None:
-        if pad_token_id is None:
-            raise ValueError(f"The tokenizer in {tokenizer_dir} has no pad token and the model config names none.")
-        if pad_token_id == len(tokenizer):
-            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        elif pad_token_id < len(tokenizer):
-            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_token_id)
-        else:
-            raise ValueError(
-                f"The model's pad_token_id {pad_token_id} is beyond the tokenizer's {len(tokenizer)} tokens + one "
-                f"added {PAD_TOKEN}."
-            )
-    if pad_token_id is not None and tokenizer.pad_token_id != pad_token_id:
-        raise ValueError(
-            f"The tokenizer's pad token {tokenizer.pad_token!r} has id {tokenizer.pad_token_id}, but the model's "
-            f"pad_token_id is {pad_token_id}."
-        )
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {vocab_size}.")
-    if len(tokenizer) < vocab_size:
-        logger.warning(f"The tokenizer has {len(tokenizer)} tokens; the model's embeddings have {vocab_size} rows.")
-    return tokenizer
-
-
-def build_model_card(
-    model: CalmForCausalLM | CalmAutoencoder,
-    report: ConversionReport,
-    license: str = "mit",
-    source_repo: str | None = None,
-    autoencoder_repo: str | None = None,
-    script: str = "conversion/convert_calm_original_to_hf.py",
-):
-    """A model card (huggingface_hub ModelCard) for a converted folder."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    is_calm = isinstance(model, CalmForCausalLM)
-    config = model.config
-    ae = config.autoencoder_config if is_calm else config
-    source = source_repo or "the authors' checkpoint"
-    data = ModelCardData(
-        license=license,
-        library_name="transformers",
-        pipeline_tag="text-generation" if is_calm else "feature-extraction",
-        tags=["calm", "continuous-autoregressive", "custom_code"] + ([] if is_calm else ["autoencoder"]),
-        base_model=source_repo,
-        language="en",
-    )
-    params = report.parameters
-    if is_calm:
-        backbone = config.backbone_config
-        what = (
-            f"CALM (Continuous Autoregressive Language Model, Shao et al. 2025, arXiv:2510.27688) with K = "
-            f"{config.patch_size} tokens per step: a {backbone.num_hidden_layers}-layer Llama backbone of width "
-            f"{backbone.hidden_size} ({backbone.num_attention_heads} heads, {backbone.num_key_value_heads} kv heads), "
-            f"an {config.head_type} head ({config.num_mlp_layers} blocks, noise size {config.noise_size}) and the "
-            f"frozen autoencoder (latent size Z = {config.latent_size}, vocabulary {config.vocab_size})."
-        )
-        sizes = (
-            f"| parameters | count |\n|---|---|\n| CALM without the autoencoder | {params['calm']:,} |\n"
-            f"| backbone | {params['backbone']:,} |\n| input compression | {params['chunk_proj']:,} |\n"
-            f"| head | {params['head']:,} |\n| autoencoder | {params['autoencoder']:,} |\n| total | {params['total']:,} |"
-        )
-        usage = (
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model = AutoModelForCausalLM.from_pretrained(\"REPO_OR_PATH\", trust_remote_code=True)\n"
-            "tokenizer = AutoTokenizer.from_pretrained(\"REPO_OR_PATH\")\n"
-            "ids = tokenizer(\"The capital of France is\", return_tensors=\"pt\").input_ids\n"
-            "k = model.config.patch_size                      # the model reads whole chunks of K tokens\n"
-            "hidden = model(ids[:, : ids.shape[1] // k * k]).last_hidden_state\n"
-            "latent = model.head.sample(hidden[:, -1])        # a sample of the next chunk's latent\n"
-            "next_tokens = model.autoencoder.decode_tokens(latent[:, None])  # [B, K]\n```"
-        )
-    else:
-        what = (
-            f"The CALM autoencoder (Shao et al. 2025, arXiv:2510.27688): K = {ae.patch_size} tokens <-> one latent "
-            f"vector of size {ae.latent_size}; hidden size {ae.hidden_size}, {ae.num_encoder_layers} + "
-            f"{ae.num_decoder_layers} layers, vocabulary {ae.vocab_size}."
-        )
-        sizes = f"| parameters | count |\n|---|---|\n| total | {params['total']:,} |"
-        usage = (
-            "```python\nfrom transformers import AutoModel\n"
-            "autoencoder = AutoModel.from_pretrained(\"REPO_OR_PATH\", trust_remote_code=True)\n"
-            "mean, log_std = autoencoder.encode(input_ids)   # [B, T/K, Z] chunk codes\n"
-            "tokens = autoencoder.decode_tokens(mean)         # [B, T]\n```"
-        )
-    dropped = "\n".join(f"  - {reason}: {len(keys)} tensors" for reason, keys in report.dropped.items()) or "  - none"
-    ae_line = f" and {autoencoder_repo}" if autoencoder_repo else ""
-    body = f"""# {model.__class__.__name__} converted from {source}
-
-{what}
-
-Converted from {source}{ae_line} (the authors' release, trained with their code at github.com/shaochenze/calm)
-into the `modeling_calm` format: safetensors weights, one config.json (the autoencoder nested), remote code.
-
-## Usage
-
-Load with `trust_remote_code=True` (the modeling code ships with the weights):
-
-{usage}
-
-## Sizes
-
-{sizes}
-
-## Conversion
-
-- script: `{script}` (modeling_calm), date: {datetime.date.today().isoformat()}, dtype: {report.dtype}
-- source tensors: {report.source_keys}; mapped: {report.mapped}; tied (stored once): {len(report.tied)}
-- dropped on purpose:
-{dropped}
-- every source tensor was renamed or dropped on purpose, every shape checked; the saved folder was reloaded and
-  reproduces the in-memory conversion exactly. Numerical parity of the key mapping with the authors' code is
-  tested against golden outputs of their implementation (tests/test_conversion.py).
-
-## License
-
-The license field says `{license}`: **check it against the authors' release** (the original repository's
-license) before redistributing; this conversion changes the format, not the terms.
-
-## Citation
-
-Shao et al., "Continuous Autoregressive Language Models", 2025, arXiv:2510.27688.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-
-
-def save_converted(
-    model: CalmForCausalLM | CalmAutoencoder,
-    output_dir: str | Path,
-    report: ConversionReport,
-    tokenizer_dir: str | Path | None = None,
-    license: str = "mit",
-    source_repo: str | None = None,
-    autoencoder_repo: str | None = None,
-    script: str = "conversion/convert_calm_original_to_hf.py",
-) -> Path:
-    """Write a Hub-ready folder: safetensors, config (+ code, auto_map), generation config, tokenizer, README.md."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, CalmForCausalLM):
-        model.generation_config = calm_generation_config(model.config)
-    model.save_pretrained(output_dir)
-    if tokenizer_dir is not None:
-        config = model.config
-        prepare_tokenizer(tokenizer_dir, config.vocab_size, config.pad_token_id).save_pretrained(output_dir)
-    card = build_model_card(model, report, license, source_repo, autoencoder_repo, script)
-    card.save(str(output_dir / "README.md"))
-    return output_dir
-
-
-@torch.no_grad()
-def verify_saved(model: CalmForCausalLM | CalmAutoencoder, output_dir: str | Path, seed: int = 0) -> dict[str, float]:
-    """Reload `output_dir` through the Auto classes (remote code) and compare with the in-memory model.
-
-    Runs every component on fixed random inputs: the backbone's hidden states, the head's samples for fixed
-    noise, the autoencoder's encoding and decoding. Raises a `ValueError` if any output differs.
-
-    Returns:
-        name -> max absolute difference (all 0.0 on success).
-    """
-    is_calm = isinstance(model, CalmForCausalLM)
-    auto = AutoModelForCausalLM if is_calm else AutoModel
-    reloaded = auto.from_pretrained(str(output_dir), trust_remote_code=True).eval()
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    ae = model.autoencoder if is_calm else model
-    ae_reloaded = reloaded.autoencoder if is_calm else reloaded
-    k = ae.config.patch_size
-    ids = torch.randint(0, ae.config.vocab_size, (2, 4 * k), generator=generator)
-    outputs = {}
-    mean, _ = ae.encode(ids)
-    outputs["autoencoder.encode"] = (mean, ae_reloaded.encode(ids)[0])
-    outputs["autoencoder.decode"] = (ae.decode(mean), ae_reloaded.decode(mean))
-    if is_calm:
-        hidden = model(ids).last_hidden_state
-        outputs["hidden_states"] = (hidden, reloaded(ids).last_hidden_state)
-        noise = torch.rand((*hidden.shape[:-1], model.config.noise_size), generator=generator) - 0.5
-        if model.config.head_type == "flow":
-            noise = torch.randn((*hidden.shape[:-1], model.config.latent_size), generator=generator)
-        outputs["head.sample"] = (model.head.sample(hidden, noise=noise), reloaded.head.sample(hidden, noise=noise))
-    diffs = {}
-    for name, (expected, actual) in outputs.items():
-        if expected.dtype != actual.dtype or expected.shape != actual.shape:
-            raise ValueError(f"Reloaded {name}: {actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}.")
-        diffs[name] = (expected.float() - actual.float()).abs().max().item()
-    bad = {n: d for n, d in diffs.items() if d != 0.0}
-    if bad:
-        raise ValueError(f"The reloaded folder {output_dir} does not reproduce the converted model: {bad}.")
-    return diffs
-
-
-def push_folder_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a converted folder as it was verified (create the repo if needed). Returns the commit URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(output_dir), commit_message="Add CALM converted with modeling_calm"
-    )
-    return str(commit)

@@ -21,12 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from conversion.calm_conversion import (  # noqa: E402
-    convert_autoencoder,
-    push_folder_to_hub,
-    save_converted,
-    verify_saved,
-)
+from conversion.calm_conversion import convert_autoencoder  # noqa: E402
+from conversion.converted_folder import push_folder_to_hub, save_converted, verify_saved  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -44,7 +40,7 @@ def main(argv=None) -> None:
     model, report = convert_autoencoder(args.autoencoder, args.dtype)
     save_converted(
         model, args.output, report, tokenizer_dir=args.tokenizer, license=args.license, source_repo=args.source_repo,
-        script="conversion/convert_autoencoder_original_to_hf.py",
+        script="conversion/convert_autoencoder_original_to_hf.py", repo_id=args.push_to_hub,
     )
     report.check = verify_saved(model, args.output)
     print(report.format())

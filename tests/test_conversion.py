@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from conversion import calm_conversion as cc
+from conversion import converted_folder as cf
 from modeling_calm import CalmAutoencoder, CalmForCausalLM, energy_score
 from modeling_calm.brier_calm import brier_indicators, brier_scores
 from tests.conftest import tiny_calm_config
@@ -69,14 +70,15 @@ def meta() -> dict:
 
 @pytest.fixture(scope="module")
 def original_configs() -> tuple[dict, dict]:
-    return json.loads((FIXTURE / "calm" / "config.json").read_text()), json.loads((FIXTURE / "ae" / "config.json").read_text())
+    return tuple(json.loads((FIXTURE / name / "config.json").read_text()) for name in ("calm", "ae"))
 
 
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory) -> Path:
     model, report = cc.convert_calm(FIXTURE / "calm", FIXTURE / "ae")
-    out = cc.save_converted(model, tmp_path_factory.mktemp("converted") / "calm", report, source_repo="cccczshao/CALM-M")
-    report.check = cc.verify_saved(model, out)
+    folder = tmp_path_factory.mktemp("converted") / "calm"
+    out = cf.save_converted(model, folder, report, source_repo="cccczshao/CALM-M", repo_id="org/calm-m")
+    report.check = cf.verify_saved(model, out)
     return out
 
 
@@ -88,7 +90,7 @@ def model(converted_dir) -> CalmForCausalLM:
 @pytest.fixture(scope="module")
 def standalone_autoencoder(tmp_path_factory) -> CalmAutoencoder:
     ae, report = cc.convert_autoencoder(FIXTURE / "ae")
-    out = cc.save_converted(ae, tmp_path_factory.mktemp("converted") / "ae", report)
+    out = cf.save_converted(ae, tmp_path_factory.mktemp("converted") / "ae", report)
     return AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
 
 
@@ -225,7 +227,8 @@ def test_train_mode_loss_with_a_masked_chunk(model, golden, meta):
     model.train()
     try:
         assert not model.autoencoder.training  # our fix: the frozen autoencoder stays in eval mode
-        out = model(golden["fwdtrain_input_ids"], labels=golden["fwdtrain_labels"], noise=noise, target_noise=target_noise)
+        out = model(golden["fwdtrain_input_ids"], labels=golden["fwdtrain_labels"], noise=noise,
+                    target_noise=target_noise)
         assert out.brier is None  # train mode reports only the loss, like the reference
         close(out.loss, golden["fwdtrain_loss"])
         with torch.no_grad():
@@ -335,6 +338,7 @@ def test_output_folder_card_and_generation_config(converted_dir, model):
     card = ModelCard.load(converted_dir / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "cccczshao/CALM-M"
     assert "trust_remote_code=True" in card.text and f"K = {model.config.patch_size}" in card.text
+    assert 'from_pretrained("org/calm-m", trust_remote_code=True)' in card.text
     assert "check it against the authors' release" in card.text
     generation = model.generation_config
     assert generation.do_sample and generation.max_new_tokens % model.config.patch_size == 0
@@ -558,8 +562,10 @@ def _edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize(
     "case, edit, message",
     [
-        ("missing", lambda s: s.pop("transformer.layers.0.mlp.up_proj.weight"), r"missing.*model\.layers\.0\.mlp\.up_proj"),
-        ("unexpected", lambda s: s.update({"embed_proj.5.weight": torch.zeros(2)}), r"unexpected.*embed_proj\.5\.weight"),
+        ("missing", lambda s: s.pop("transformer.layers.0.mlp.up_proj.weight"),
+         r"missing.*model\.layers\.0\.mlp\.up_proj"),
+        ("unexpected", lambda s: s.update({"embed_proj.5.weight": torch.zeros(2)}),
+         r"unexpected.*embed_proj\.5\.weight"),
         ("unexpected_llama", lambda s: s.update({"transformer.lm_head.weight": torch.zeros(2)}),
          r"unexpected.*transformer\.lm_head\.weight"),
         ("shape", lambda s: s.update({"embed_proj.2.bias": torch.zeros(3)}), r"wrong shapes.*embed_proj\.2\.bias"),
@@ -579,6 +585,22 @@ def test_strict_errors_name_the_keys(synthetic, tmp_path, case, edit, message):
     _rewrite(calm_dir, edit)
     with pytest.raises(ValueError, match=re.compile(message, re.S)):
         cc.convert_calm(calm_dir, ae_dir)
+
+
+@pytest.mark.parametrize("layout", ["autoencoder_config_only", "no_copy_in_calm"])
+def test_autoencoder_weights_from_either_folder(synthetic, tmp_path, layout):
+    calm_dir, ae_dir = write_original_layout(synthetic, tmp_path)
+    if layout == "autoencoder_config_only":
+        (ae_dir / "pytorch_model.bin").unlink()
+    else:
+        _rewrite(calm_dir, lambda s: [s.pop(k) for k in [k for k in s if k.startswith(cc.CALM_AUTOENCODER_PREFIX)]])
+    converted, report = cc.convert_calm(calm_dir, ae_dir)
+    assert_same_model(converted, synthetic)
+    assert report.notes
+    if layout == "autoencoder_config_only":
+        _rewrite(calm_dir, lambda s: [s.pop(k) for k in [k for k in s if k.startswith(cc.CALM_AUTOENCODER_PREFIX)]])
+        with pytest.raises(ValueError, match="No autoencoder weights"):
+            cc.convert_calm(calm_dir, ae_dir)
 
 
 def test_autoencoder_mismatch_can_be_overridden(synthetic, tmp_path):
@@ -647,13 +669,14 @@ def test_tokenizer_gets_the_pad_token(synthetic, tmp_path, monkeypatch):
     for folder in (calm_dir, ae_dir):  # Llama-3: [PAD] appended after the 128,256 tokens
         _edit_config(folder, pad_token_id=vocab - 1)
     converted, report = cc.convert_calm(calm_dir, ae_dir)
-    out = cc.save_converted(converted, tmp_path / "out", report, tokenizer_dir=tokenizer_dir)
+    out = cf.save_converted(converted, tmp_path / "out", report, tokenizer_dir=tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    assert tokenizer.pad_token == cc.PAD_TOKEN and tokenizer.pad_token_id == vocab - 1 and len(tokenizer) == vocab
+    assert tokenizer.pad_token == cf.PAD_TOKEN and tokenizer.pad_token_id == vocab - 1 and len(tokenizer) == vocab
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
     assert reloaded.config.pad_token_id == reloaded.generation_config.pad_token_id == vocab - 1
     with pytest.raises(ValueError, match="pad_token_id"):
-        cc.prepare_tokenizer(tokenizer_dir, vocab, pad_token_id=vocab + 5)
+        cf.prepare_tokenizer(tokenizer_dir, vocab, pad_token_id=vocab + 5)
+    assert cf.prepare_tokenizer(tokenizer_dir, vocab, pad_token_id=0).pad_token == "<unk>"  # an existing token
 
 
 def test_push_to_hub_uploads_the_verified_folder(converted_dir, monkeypatch):
@@ -664,7 +687,7 @@ def test_push_to_hub_uploads_the_verified_folder(converted_dir, monkeypatch):
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", repo_id, kw)))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload_folder", kw)) or "url")
-    assert cc.push_folder_to_hub(converted_dir, "org/calm", private=True) == "url"
+    assert cf.push_folder_to_hub(converted_dir, "org/calm", private=True) == "url"
     assert calls[0] == ("create_repo", "org/calm", {"private": True, "exist_ok": True})
     assert calls[1][0] == "upload_folder"
     assert calls[1][1]["repo_id"] == "org/calm" and Path(calls[1][1]["folder_path"]) == converted_dir
