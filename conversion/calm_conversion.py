@@ -323,10 +323,12 @@ def infer_head_type(state_dict: dict[str, torch.Tensor]) -> tuple[str, str]:
     modules = {k[len(prefix):].split(".", 1)[0] for k in state_dict if k.startswith(prefix)}
     if modules == ENERGY_HEAD_MODULES:
         return "energy", prefix
+    # One key per submodule seen, e.g. generative_head.time_embed.weight.
+    examples = sorted({k[len(prefix):].split(".", 1)[0]: k for k in state_dict if k.startswith(prefix)}.values())
     raise ValueError(
-        f"Cannot infer the head type from the keys under {prefix!r}: saw submodules {sorted(modules)}, while an "
-        f"energy head has exactly {sorted(ENERGY_HEAD_MODULES)}. Only the energy head's layout is known to this "
-        "converter (the flow and diffusion heads of the paper are not)."
+        f"Cannot infer the head type from the keys under {prefix!r}: saw the submodules {sorted(modules)} (keys "
+        f"such as {examples}), while an energy head has exactly {sorted(ENERGY_HEAD_MODULES)}. Only the energy "
+        "head's layout is known to this converter (the flow and diffusion heads of the paper are not)."
     )
 
 

@@ -575,7 +575,9 @@ def _edit_config(folder: Path, **changes) -> None:
          r"mlp_generator\.noise_embd\.bias"),
         ("head_type", lambda s: [s.update({k.replace("noise_embd", "time_embed"): s.pop(k)})
                                  for k in [k for k in s if ".noise_embd." in k]],
-         r"Cannot infer the head type.*time_embed"),
+         r"Cannot infer the head type.*generative_head\.time_embed\.bias"),
+        ("no_head", lambda s: [s.pop(k) for k in [k for k in s if "generative_head." in k or "mlp_generator." in k]],
+         r"No generative head.*embed_proj"),
         ("ae_copy", lambda s: s.update({"ae_model.encoder.norm.weight": s["ae_model.encoder.norm.weight"] * 2}),
          r"differs from the CALM's own copy.*encoder\.norm\.weight"),
     ],
