@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
 from .brier_calm import BRIER_LM_MAX_N, brier_indicators
+from .brier_scoring_calm import score_calm_brier
 from .configuration_calm import CalmConfig
 from .modeling_calm_autoencoder import CalmAutoencoder, _init_calm_module
 from .modeling_calm_heads import CALM_HEADS
@@ -271,6 +272,45 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # BrierLM (the `score_brier` protocol of evaluation_calm; logic in brier_scoring_calm.py)
+    # ----------------------------------------------------------------------------------------------------------
+    def score_brier(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        max_n: int = BRIER_LM_MAX_N,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (CALM.md s.3).
+
+        Entry i conditions on chunks 0..i and is compared with the next max_n tokens; while K < max_n each sample
+        is continued on its own decoded chunks (batched over all boundaries with the KV cache). A CALM is scored
+        at every K-th token, a token-level LM at every token: compare BrierLM values, and report the number of
+        positions. Details in `brier_scoring_calm`.
+
+        Args:
+            input_ids: `[B, T]` right-padded blocks, T a multiple of K.
+            labels: `[B, T]` targets (default `input_ids`); a boundary counts only if its max_n targets are inside
+                the block and none is -100.
+            max_n: largest n-gram order (BrierLM uses 4).
+            generator: the only source of randomness; the head noise is drawn on its device (the CPU for a
+                default `torch.Generator()`) and moved to the model, so a seed gives the same draws anywhere.
+        Returns:
+            `(brier [B, L, max_n] float32, mask [B, L] bool)`.
+        """
+        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator)
+
+    def score_brier_ref(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        max_n: int = BRIER_LM_MAX_N,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score_brier` through the slow loop-over-positions reference sampler (same draws, same output)."""
+        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator, reference=True)
 
     @staticmethod
     def _past_length(past_key_values) -> int:

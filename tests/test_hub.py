@@ -17,6 +17,7 @@ from tests.conftest import tiny_autoencoder_config, tiny_calm_config
 
 SHIPPED_CALM_FILES = {
     "brier_calm.py",
+    "brier_scoring_calm.py",
     "configuration_calm.py",
     "modeling_calm.py",
     "modeling_calm_autoencoder.py",
