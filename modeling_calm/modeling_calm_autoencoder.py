@@ -179,6 +179,11 @@ class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _no_split_modules = ["CalmAutoencoderBlock"]
+    # No attention inside: every attention implementation a parent model asks for is fine.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
         _init_calm_module(module, self.config.initializer_range)

@@ -16,6 +16,8 @@ from modeling_calm import CalmAutoencoder, CalmForCausalLM
 from tests.conftest import tiny_autoencoder_config, tiny_calm_config
 
 SHIPPED_CALM_FILES = {
+    "brier_calm.py",
+    "brier_scoring_calm.py",
     "configuration_calm.py",
     "generation_calm.py",
     "modeling_calm.py",
