@@ -431,3 +431,33 @@ def test_bad_prompts_raise_value_errors(model):
     no_bos = make_model(bos_token_id=None, backbone=dict(bos_token_id=None))
     with pytest.raises(ValueError, match="bos_token_id"):
         no_bos.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with the authors' decoding steps (the reference fixture, converted)
+
+
+def test_golden_noise_reproduces_the_reference_steps():
+    """The public generate, given the reference's per-step head noise, returns the reference's raw chunks.
+
+    The reference right-padded its 6-token prompt with pad ids to 8 (a documented fault); feeding that same padded
+    prompt as content isolates the decoding step. Stops are off: `gen_step_tokens` are the chunks before masking.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from conversion import calm_conversion
+
+    fixture = Path(__file__).parent / "fixtures" / "reference_tiny"
+    if not (fixture / "golden.safetensors").exists():
+        pytest.skip("reference fixture not present")
+    model, _ = calm_conversion.convert_calm(fixture / "calm", fixture / "ae")
+    model.eval()
+    golden = load_file(str(fixture / "golden.safetensors"))
+    prompt = golden["gen_prompt"]  # [2, 6]
+    padded = torch.cat([prompt, torch.full((2, -prompt.shape[1] % K), model.config.pad_token_id)], 1)  # [2, 8]
+    steps = golden["gen_step_tokens"]  # [4, 2, K]
+    noise = golden["gen_rand_stream"].view(steps.shape[0], 2, -1) - 0.5  # one [B, E] call per step
+    out = model.generate(input_ids=padded, max_new_tokens=16, temperature=1.0, noise=noise, **NO_STOPS)
+    assert torch.equal(out[:, 8:], steps.permute(1, 0, 2).reshape(2, -1))
