@@ -234,9 +234,11 @@ def main() -> None:
         default = tps("Llama generate (default)", batch)
         static = tps("Llama generate (static+compiled)", batch)
         if calm_t1 and default:
-            check(f"T=1 vs Llama default generate (batch {batch})", calm_t1 / default, TARGETS["T=1 vs Llama default generate"])
+            check(f"T=1 vs Llama default generate (batch {batch})", calm_t1 / default,
+                  TARGETS["T=1 vs Llama default generate"])
         if calm_t1 and static:
-            check(f"T=1 vs Llama static+compiled (batch {batch})", calm_t1 / static, TARGETS["T=1 vs Llama static+compiled"])
+            check(f"T=1 vs Llama static+compiled (batch {batch})", calm_t1 / static,
+                  TARGETS["T=1 vs Llama static+compiled"])
         if batch in (1, 32) and calm_t1:
             check(f"T=1 tokens/s at batch {batch}", calm_t1, TARGETS[f"T=1 tokens/s at batch {batch}"])
         for t in low:

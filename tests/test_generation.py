@@ -318,11 +318,13 @@ def test_returned_latents_decode_to_the_returned_tokens(model, temperature):
     assert out.latents.shape == (2, 3, 8)
     decoded = model.autoencoder.decode_tokens(out.latents)  # [B, 3*K]
     assert torch.equal(decoded[:, :10], out.sequences[:, ids.shape[1] :])
-    assert model.generate(ids, attention_mask=mask, max_new_tokens=10, seed=6, return_dict_in_generate=True).latents is None
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=10, seed=6, return_dict_in_generate=True)
+    assert plain.latents is None
 
 
 @pytest.mark.parametrize(
-    "settings", [dict(temperature=0.5), dict(temperature=0.3, num_candidates=50), dict(temperature=0.5, sampling_method="exact")]
+    "settings",
+    [dict(temperature=0.5), dict(temperature=0.3, num_candidates=50), dict(temperature=0.5, sampling_method="exact")],
 )
 def test_low_temperature_methods_run_and_are_reproducible(settings):
     # A peaked model: chunks repeat among candidates, so temperature has an effect (and the exact method ends soon).
@@ -420,7 +422,8 @@ def test_bad_prompts_raise_value_errors(model):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
     assert model.generate(max_new_tokens=4, seed=0).shape == (1, 5)  # no prompt: start from one BOS
     ids = torch.tensor(random_rows([8], seed=25))
-    assert torch.equal(model.generate(inputs=ids, max_new_tokens=4, seed=0), model.generate(ids, max_new_tokens=4, seed=0))
+    by_inputs = model.generate(inputs=ids, max_new_tokens=4, seed=0)
+    assert torch.equal(by_inputs, model.generate(ids, max_new_tokens=4, seed=0))
     ids = torch.tensor(random_rows([8, 8], seed=24))
     mask = torch.ones_like(ids)
     mask[1] = 0
