@@ -21,15 +21,16 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput, logging
 
+from .brier_calm import BRIER_LM_MAX_N, brier_indicators
+from .brier_scoring_calm import score_calm_brier
 from .configuration_calm import CalmConfig
+from .generation_calm import CalmGenerationMixin
 from .modeling_calm_autoencoder import CalmAutoencoder, _init_calm_module
 from .modeling_calm_heads import CALM_HEADS
 
 
 logger = logging.get_logger(__name__)
 
-# Brier-n is reported for n = 1..BRIER_MAX_N (BrierLM is the geometric mean of Brier-1..4, CALM.md section 3).
-BRIER_MAX_N = 4
 
 
 @dataclass
@@ -91,7 +92,7 @@ class CalmPreTrainedModel(PreTrainedModel):
         _init_calm_module(module, self.config.initializer_range)
 
 
-class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
+class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin):
     """CALM language model: frozen autoencoder + input compression + transformers decoder + generative head."""
 
     def __init__(self, config: CalmConfig):
@@ -107,6 +108,7 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
         self._no_split_modules = [name for name in dict.fromkeys(candidates) if name in present]
         self.post_init()
         self.freeze_autoencoder()
+        self._init_calm_generation_config()
 
     # ----------------------------------------------------------------------------------------------------------
     # The frozen autoencoder
@@ -277,6 +279,45 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    # ----------------------------------------------------------------------------------------------------------
+    # BrierLM (the `score_brier` protocol of evaluation_calm; logic in brier_scoring_calm.py)
+    # ----------------------------------------------------------------------------------------------------------
+    def score_brier(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        max_n: int = BRIER_LM_MAX_N,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (CALM.md s.3).
+
+        Entry i conditions on chunks 0..i and is compared with the next max_n tokens; while K < max_n each sample
+        is continued on its own decoded chunks (batched over all boundaries with the KV cache). A CALM is scored
+        at every K-th token, a token-level LM at every token: compare BrierLM values, and report the number of
+        positions. Details in `brier_scoring_calm`.
+
+        Args:
+            input_ids: `[B, T]` right-padded blocks, T a multiple of K.
+            labels: `[B, T]` targets (default `input_ids`); a boundary counts only if its max_n targets are inside
+                the block and none is -100.
+            max_n: largest n-gram order (BrierLM uses 4).
+            generator: the only source of randomness; the head noise is drawn on its device (the CPU for a
+                default `torch.Generator()`) and moved to the model, so a seed gives the same draws anywhere.
+        Returns:
+            `(brier [B, L, max_n] float32, mask [B, L] bool)`.
+        """
+        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator)
+
+    def score_brier_ref(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        max_n: int = BRIER_LM_MAX_N,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score_brier` through the slow loop-over-positions reference sampler (same draws, same output)."""
+        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator, reference=True)
+
     @staticmethod
     def _past_length(past_key_values) -> int:
         if past_key_values is None:
@@ -326,18 +367,5 @@ class CalmForCausalLM(CalmPreTrainedModel, GenerationMixin):
                 if samples is None:
                     samples = self.head.sample(hidden_valid.unsqueeze(0).expand(2, -1, -1), generator=generator)
                 predictions = self.autoencoder.decode(samples[:2].unsqueeze(-2)).argmax(-1)  # [2, N, K]
-                brier = _brier_from_samples(predictions[0], predictions[1], targets, min(k, BRIER_MAX_N))
+                brier = brier_indicators(predictions[0], predictions[1], targets, max_n=min(k, BRIER_LM_MAX_N)).mean(0)
         return loss, fidelity, diversity, brier
-
-
-def _brier_from_samples(first: torch.Tensor, second: torch.Tensor, targets: torch.Tensor, max_n: int) -> torch.Tensor:
-    """Mean Brier-1..max_n over positions from two samples `[N, >=n]` and targets `[N, >=n]`.
-
-    Brier-n estimate at a position: 1{x1[:n] = y[:n]} + 1{x2[:n] = y[:n]} - 1{x1[:n] = x2[:n]} (unbiased for
-    2 P(y) - sum_x P(x)^2 on n-grams); the running products make "all of the first n tokens equal".
-    """
-    first, second, targets = first[:, :max_n], second[:, :max_n], targets[:, :max_n]
-    hit1 = (first == targets).long().cumprod(-1)
-    hit2 = (second == targets).long().cumprod(-1)
-    same = (first == second).long().cumprod(-1)
-    return (hit1 + hit2 - same).float().mean(0)

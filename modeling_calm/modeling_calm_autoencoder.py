@@ -181,6 +181,11 @@ class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CalmAutoencoderBlock"]
     # Per-batch mean loss: the Trainer must scale it for gradient accumulation (HF_NOTES.md section 4).
     accepts_loss_kwargs = False
+    # No attention inside: every attention implementation a parent model asks for is fine.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
         _init_calm_module(module, self.config.initializer_range)

@@ -129,13 +129,10 @@ class CalmEnergyBlock(nn.Module):
         self.down_proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        # fc1 reads [LayerNorm(x), c]. Its weight is applied in two halves, so that the condition's half runs once
-        # per position and broadcasts over the samples (x [S, N, D], c [N, D]) instead of being concatenated to
-        # every sample: the same function with S-fold less work and memory on that half.
-        hidden = x.shape[-1]
-        h = F.linear(self.norm(x), self.fc1.weight[:, :hidden], self.fc1.bias)
-        h = h + F.linear(condition, self.fc1.weight[:, hidden:])
-        h = self.fc3(F.silu(self.fc2(F.silu(h))))
+        # The condition may be one per position ([N, D] for x [S, N, D]): broadcast it over the samples. (fc1 is
+        # called as a module, never through its weight, so LoRA adapters and ZeRO-3 parameter gathering see it.)
+        h = torch.cat([self.norm(x), condition.expand_as(x)], dim=-1)
+        h = self.fc3(F.silu(self.fc2(F.silu(self.fc1(h)))))
         gate, value = h.chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * value)
 

@@ -33,8 +33,7 @@ import torch
 from transformers import EvalPrediction, Trainer
 from transformers.utils import logging
 
-from .brier_calm import brier_lm
-from .modeling_calm import BRIER_MAX_N
+from .brier_calm import BRIER_LM_MAX_N, brier_lm
 
 
 logger = logging.get_logger(__name__)
@@ -166,7 +165,7 @@ class CalmTrainer(_CalmStatsTrainer):
 
     @property
     def eval_stat_names(self) -> list[str]:
-        return ["fidelity", "diversity"] + [f"brier_{n}" for n in range(1, BRIER_MAX_N + 1)]
+        return ["fidelity", "diversity"] + [f"brier_{n}" for n in range(1, BRIER_LM_MAX_N + 1)]
 
     def _training_terms(self, outputs):
         return {"fidelity": outputs.fidelity, "diversity": outputs.diversity}
@@ -176,14 +175,14 @@ class CalmTrainer(_CalmStatsTrainer):
         outputs = model(**inputs, return_brier=return_brier, use_cache=False)
         patch_size = self.accelerator.unwrap_model(model).config.patch_size
         weights = _chunk_target_counts(inputs["labels"], inputs.get("attention_mask"), patch_size)
-        brier = [None] * BRIER_MAX_N
+        brier = [None] * BRIER_LM_MAX_N
         if outputs.brier is not None:
             brier[: outputs.brier.numel()] = list(outputs.brier.unbind())
         return outputs.loss, weights, [outputs.fidelity, outputs.diversity, *brier]
 
     def _weighted_means(self, eval_prediction: EvalPrediction) -> dict[str, float]:
         metrics = super()._weighted_means(eval_prediction)
-        briers = [metrics.get(f"brier_{n}") for n in range(1, BRIER_MAX_N + 1)]
+        briers = [metrics.get(f"brier_{n}") for n in range(1, BRIER_LM_MAX_N + 1)]
         if all(b is not None for b in briers):
             metrics["brier_lm"] = brier_lm(briers)
         elif self.eval_brier and briers[0] is not None and not self._warned_short_chunks:

@@ -16,10 +16,14 @@ from modeling_calm import CalmAutoencoder, CalmForCausalLM
 from tests.conftest import tiny_autoencoder_config, tiny_calm_config
 
 SHIPPED_CALM_FILES = {
+    "brier_calm.py",
+    "brier_scoring_calm.py",
     "configuration_calm.py",
+    "generation_calm.py",
     "modeling_calm.py",
     "modeling_calm_autoencoder.py",
     "modeling_calm_heads.py",
+    "sampling_calm.py",
 }
 
 
@@ -67,7 +71,10 @@ def test_shipped_code_files_are_pinned(saved_model, tmp_path):
 
 def test_shipped_files_import_only_stdlib_torch_and_transformers():
     package = Path(__file__).resolve().parents[1] / "modeling_calm"
-    allowed = {"torch", "transformers", "math", "dataclasses", "__future__", "copy", "inspect", "warnings", "typing"}
+    allowed = {
+        "torch", "transformers", "math", "dataclasses", "__future__", "copy", "inspect", "warnings", "typing",
+        "numbers", "collections",
+    }
     for name in SHIPPED_CALM_FILES:
         for line in (package / name).read_text().splitlines():
             if line.startswith(("import ", "from ")) and not line.startswith("from ."):
@@ -84,6 +91,8 @@ def test_remote_code_load_in_fresh_process_gives_identical_outputs(tmp_path, dty
     torch.save(ids, tmp_path / "ids.pt")
     expected = model(ids).last_hidden_state.float()
     torch.save(expected, tmp_path / "expected.pt")
+    generated = model.generate(ids[:, :7], max_new_tokens=6, seed=0, temperature=0.5, num_candidates=8)
+    torch.save(generated, tmp_path / "generated.pt")
     script = f"""
         import sys, torch
         try:
@@ -101,6 +110,8 @@ def test_remote_code_load_in_fresh_process_gives_identical_outputs(tmp_path, dty
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
         assert torch.equal(out, expected), (out - expected).abs().max()
         assert not any(p.requires_grad for p in model.autoencoder.parameters())
+        generated = model.generate(ids[:, :7], max_new_tokens=6, seed=0, temperature=0.5, num_candidates=8)
+        assert torch.equal(generated, torch.load({str(tmp_path / 'generated.pt')!r}))
         base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(base).__name__ == "CalmForCausalLM"
         print("OK")

@@ -190,3 +190,16 @@ def test_other_decoder_families_work_as_backbone(family):
     assert model.model.config.model_type == family
     ids = torch.randint(3, 99, (1, 8))
     assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_attention_implementation_reaches_the_backbone(tmp_path):
+    model = make_model()
+    model.set_attn_implementation("eager")
+    assert model.model.config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+    assert model.model.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    loaded = CalmForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert loaded.model.config._attn_implementation == "eager"
+    ids = torch.randint(3, 99, (1, 8))
+    torch.testing.assert_close(loaded(ids).last_hidden_state, model.eval()(ids).last_hidden_state, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,280 @@
+"""Generation throughput: CALM (K tokens per step) against a Llama with the same backbone and vocabulary.
+
+Both models have random weights (throughput does not depend on them) and generate the same number of tokens
+from the same random prompts, in the same process: CALM-M (configuration/calm-m.json, 128,257 tokens) and
+transformers' LlamaForCausalLM built from CALM-M's backbone config (the paper's Transformer-M shape). For every
+batch size it times
+- CALM at T = 1 and at each lower temperature (approximate method, N candidates), on its default path (the
+  compiled static-cache decoding step on CUDA) and, unless --no-calm-eager, eagerly (DynamicCache);
+- the Llama's default `generate(do_sample=True)` and its static cache + compiled decoding
+  (`cache_implementation="static"`, which transformers compiles on CUDA with its CompileConfig).
+Each configuration is run --warmup times untimed (compilation happens there), then --repeats times between
+torch.cuda.synchronize() calls; the median is reported with the peak memory. Stop tokens are off (every run
+produces exactly --new-tokens tokens per row). The table and the target checks go to stdout, everything to
+--output as JSON.
+
+GPU (the numbers the issue asks for):
+    python benchmarks/bench_generate.py --output bench_generate.json
+CPU smoke test (tiny models, a few tokens):
+    python benchmarks/bench_generate.py --tiny --output /tmp/bench_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_calm import CalmConfig, CalmForCausalLM  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Targets of the issue (tokens/s and ratios measured in the same run).
+TARGETS = {
+    "T=1 vs Llama default generate": 5.0,
+    "T=1 vs Llama static+compiled": 3.5,
+    "T=1 tokens/s at batch 1": 1000.0,
+    "T=1 tokens/s at batch 32": 25000.0,
+    "T=0.5 vs Llama default generate at batch 32": 3.0,
+    "T=0.5 tokens/s at batch 32": 8000.0,
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU, few tokens (a smoke test)")
+    parser.add_argument("--config", default=None, help="CALM config json (default calm-m.json, tiny.json with --tiny)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.5])
+    parser.add_argument("--num-candidates", type=int, default=None, help="N of the approximate method")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--calm-compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--calm-compile-mode", default="reduce-overhead",
+        help="torch.compile mode of CALM's decoding step ('reduce-overhead' = CUDA graphs, 'default', "
+        "'max-autotune', ...) or 'backend:NAME' (e.g. 'backend:eager' to check the traced path quickly)",
+    )
+    parser.add_argument("--no-calm-eager", action="store_true", help="skip the eager CALM runs")
+    parser.add_argument("--no-llama", action="store_true", help="skip the Llama baselines")
+    parser.add_argument("--no-llama-static", action="store_true", help="skip the Llama static-cache runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="bench_generate.json", help="where to write the JSON results")
+    args = parser.parse_args()
+    tiny = args.tiny
+    defaults = dict(
+        config=str(ROOT / "configuration" / ("tiny.json" if tiny else "calm-m.json")),
+        device="cpu" if tiny else ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype="float32" if tiny else "bfloat16",
+        batch_sizes=[1, 4] if tiny else [1, 32],
+        prompt_tokens=16 if tiny else 64,
+        new_tokens=24 if tiny else 512,
+        num_candidates=16 if tiny else 200,
+        repeats=1 if tiny else 3,
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def build_models(args):
+    """CALM from the config (stop tokens off) and a Llama with the same backbone config and vocabulary."""
+    torch.manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    config = CalmConfig.from_json_file(args.config)
+    # No stop tokens anywhere: every run must generate exactly --new-tokens tokens per row.
+    for c in (config, config.autoencoder_config, config.backbone_config):
+        c.eos_token_id = None
+    calm = CalmForCausalLM(config)
+    # The heads' output layer starts at zero (every sample would be the same latent): give it random weights so
+    # candidates differ, as in a trained model.
+    for module in calm.modules():
+        if getattr(module, "_calm_zero_init", False):
+            torch.nn.init.normal_(module.weight, std=config.initializer_range)
+    calm = calm.to(device=args.device, dtype=dtype).eval()
+    calm.generation_config.eos_token_id = None
+    calm.generation_config.calm_stop_on_bos = False
+
+    backbone = config.backbone_config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        backbone.pop(key, None)
+    backbone.update(eos_token_id=None, tie_word_embeddings=False)
+    llama = LlamaForCausalLM(LlamaConfig(**backbone)).to(device=args.device, dtype=dtype).eval()
+    llama.generation_config.eos_token_id = None
+    llama.generation_config.pad_token_id = config.pad_token_id
+    return calm, llama
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(run, args, expected_new: int, prompt_tokens: int) -> dict:
+    """Warm-up runs, then timed repeats: median seconds, tokens/s, peak memory."""
+    cuda = args.device.startswith("cuda")
+    warmup_seconds = []
+    for _ in range(args.warmup):
+        synchronize(args.device)
+        start = time.perf_counter()
+        run()
+        synchronize(args.device)
+        warmup_seconds.append(time.perf_counter() - start)
+    times, peak, baseline = [], 0, 0
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()  # both models' weights (and kept caches) are resident
+        synchronize(args.device)
+        start = time.perf_counter()
+        out = run()
+        synchronize(args.device)
+        times.append(time.perf_counter() - start)
+        if cuda:
+            peak = max(peak, torch.cuda.max_memory_allocated() - baseline)
+        new = out.shape[1] - prompt_tokens
+        if new != expected_new:
+            raise RuntimeError(f"a run generated {new} tokens per row, expected {expected_new}")
+    seconds = statistics.median(times)
+    return {
+        "seconds": seconds,
+        "all_seconds": times,
+        "warmup_seconds": warmup_seconds,
+        "tokens_per_second": out.shape[0] * expected_new / seconds,
+        # Peak of allocated memory during a run above what was allocated before it (weights of both models).
+        "peak_memory_gib": peak / 2**30 if cuda else None,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    calm, llama = build_models(args)
+    vocab = calm.config.vocab_size
+    compile_flag = {"auto": None, "on": True, "off": False}[args.calm_compile]
+    results = []
+
+    def record(name, batch, temperature, path, stats):
+        row = {"model": name, "batch_size": batch, "temperature": temperature, "path": path, **stats}
+        results.append(row)
+        print(
+            f"  {name:<34} batch {batch:>3}  T={temperature if temperature is not None else '-':<4}  "
+            f"{stats['tokens_per_second']:>11,.0f} tok/s  median {stats['seconds']:.3f}s  path: {path}",
+            flush=True,
+        )
+
+    for batch in args.batch_sizes:
+        generator = torch.Generator().manual_seed(args.seed + batch)
+        prompts = torch.randint(3, vocab - 1, (batch, args.prompt_tokens), generator=generator).to(args.device)
+        mask = torch.ones_like(prompts)
+        for temperature in args.temperatures:
+            settings = dict(max_new_tokens=args.new_tokens, temperature=temperature, num_candidates=args.num_candidates)
+            variants = [("CALM", compile_flag)] + ([] if args.no_calm_eager else [("CALM eager", False)])
+            for name, flag in variants:
+
+                def run_calm(flag=flag):
+                    return calm.generate(
+                        prompts, attention_mask=mask, calm_compile=flag, calm_compile_mode=args.calm_compile_mode,
+                        **settings,
+                    )
+
+                stats = measure(run_calm, args, args.new_tokens, args.prompt_tokens)
+                record(name, batch, temperature, calm.calm_last_decoding, stats)
+        if args.no_llama:
+            continue
+        llama_runs = [("Llama generate (default)", {})]
+        if not args.no_llama_static:
+            llama_runs.append(("Llama generate (static+compiled)", {"cache_implementation": "static"}))
+        for name, extra in llama_runs:
+
+            def run_llama(extra=extra):
+                return llama.generate(
+                    prompts, attention_mask=mask, do_sample=True, max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens, **extra,
+                )
+
+            stats = measure(run_llama, args, args.new_tokens, args.prompt_tokens)
+            if not extra:
+                path = "eager, DynamicCache"
+            elif args.device.startswith("cuda"):
+                path = "static cache, forward compiled by generate"
+            else:
+                path = "static cache, eager (generate compiles only on accelerators)"
+            record(name, batch, None, path, stats)
+
+    # ---- targets (ratios within this run) ----
+    def tps(model, batch, temperature=None):
+        for row in results:
+            if row["model"] == model and row["batch_size"] == batch and row["temperature"] == temperature:
+                return row["tokens_per_second"]
+        return None
+
+    checks = []
+
+    def check(name, value, target):
+        if value is not None:
+            checks.append({"check": name, "value": value, "target": target, "met": value >= target})
+
+    low = [t for t in args.temperatures if t < 1.0]
+    for batch in args.batch_sizes:
+        calm_t1 = tps("CALM", batch, 1.0)
+        default = tps("Llama generate (default)", batch)
+        static = tps("Llama generate (static+compiled)", batch)
+        if calm_t1 and default:
+            check(f"T=1 vs Llama default generate (batch {batch})", calm_t1 / default,
+                  TARGETS["T=1 vs Llama default generate"])
+        if calm_t1 and static:
+            check(f"T=1 vs Llama static+compiled (batch {batch})", calm_t1 / static,
+                  TARGETS["T=1 vs Llama static+compiled"])
+        if batch in (1, 32) and calm_t1:
+            check(f"T=1 tokens/s at batch {batch}", calm_t1, TARGETS[f"T=1 tokens/s at batch {batch}"])
+        for t in low:
+            calm_low = tps("CALM", batch, t)
+            if batch == 32 and calm_low and default:
+                check(f"T={t} vs Llama default generate at batch 32", calm_low / default,
+                      TARGETS["T=0.5 vs Llama default generate at batch 32"])
+            if batch == 32 and calm_low:
+                check(f"T={t} tokens/s at batch 32", calm_low, TARGETS["T=0.5 tokens/s at batch 32"])
+
+    print("\n| model | batch | T | tokens/s | median s | peak GiB over weights | path |")
+    print("|---|---|---|---|---|---|---|")
+    for row in results:
+        peak = f"{row['peak_memory_gib']:.2f}" if row["peak_memory_gib"] is not None else "-"
+        temperature = row["temperature"] if row["temperature"] is not None else "-"
+        print(
+            f"| {row['model']} | {row['batch_size']} | {temperature} | {row['tokens_per_second']:,.0f} | "
+            f"{row['seconds']:.3f} | {peak} | {row['path']} |"
+        )
+    if checks:
+        print("\n| target | value | needed | met |")
+        print("|---|---|---|---|")
+        for c in checks:
+            print(f"| {c['check']} | {c['value']:,.2f} | {c['target']:,} | {'yes' if c['met'] else 'NO'} |")
+
+    environment = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+    }
+    output = {"settings": vars(args), "environment": environment, "results": results, "checks": checks}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(output, indent=2))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

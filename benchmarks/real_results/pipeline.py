@@ -1,0 +1,417 @@
+"""Real results on real text: tokenizer -> autoencoder -> CALM and a same-backbone Transformer baseline.
+
+Stages (each resumable: a finished stage leaves `WORK/<stage>/done.json` and is skipped on the next call):
+  ae        train the autoencoder for --ae_seconds of GPU time (transformers.Trainer)
+  ae_eval   token accuracy on the evaluation text: z = posterior mean, z sampled, z = mean + N(0, sigma^2)
+            for sigma in 0, 0.1, 0.2, 0.3, 0.5; active latent dimensions; mean posterior std
+  calm      train a CALM (K from the autoencoder) for --lm_seconds, BrierLM on an eval subset every
+            --curve_every seconds of training time (the compute curve)
+  baseline  the same for a LlamaForCausalLM with the same backbone config, tokenizer and data
+  eval      BrierLM of both final models on the whole evaluation text over --seeds
+  samples   continuations of evaluation prompts at T = 1, 0.5, 0.33 from both models
+
+All figures land in WORK/results.json. The run is designed for the GPU machine (no `datasets` needed: the training
+corpus arrives as the uint16 array written by prepare_data.py), and runs on a CPU with --tiny in a minute.
+
+    python benchmarks/real_results/pipeline.py --data .gpu --work /root/calm_run            # H100
+    python benchmarks/real_results/pipeline.py --data .gpu --work /tmp/calm_tiny --tiny     # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM
+from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks
+
+
+STAGES = ("ae", "ae_eval", "calm", "baseline", "eval", "samples")
+NOISE_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5)
+TEMPERATURES = (1.0, 0.5, 0.33)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data and bookkeeping
+# ------------------------------------------------------------------------------------------------------------------
+class TokenBlocks(torch.utils.data.Dataset):
+    """Non-overlapping blocks of a flat token array (documents start with BOS)."""
+
+    def __init__(self, ids: np.ndarray, block_size: int):
+        self.ids, self.block_size = ids, block_size
+        self.count = len(ids) // block_size
+        if self.count == 0:
+            raise ValueError(f"{len(ids)} tokens make no block of {block_size}")
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        start = index * self.block_size
+        block = torch.from_numpy(self.ids[start : start + self.block_size].astype(np.int64))
+        return {"input_ids": block, "labels": block.clone()}
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training after `seconds` of training time; every `curve_every` seconds calls `probe(model, step)`,
+    whose time is not counted (evaluation is not training compute)."""
+
+    def __init__(self, seconds: float, curve_every: float | None = None, probe=None):
+        self.seconds, self.curve_every, self.probe = seconds, curve_every, probe
+        self.train_time, self.last, self.next_probe, self.step_times = 0.0, None, curve_every, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.last
+        self.train_time += elapsed
+        self.step_times.append(elapsed)
+        if self.probe is not None and self.next_probe is not None and self.train_time >= self.next_probe:
+            self.probe(model, state.global_step, self.train_time)
+            self.next_probe += self.curve_every
+        if self.train_time >= self.seconds:
+            control.should_training_stop = True
+        return control
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def update_results(work: Path, key: str, value) -> None:
+    path = work / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[key] = value
+    write_json(path, results)
+
+
+def environment() -> dict:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def training_arguments(work: Path, args, lr: float, batch_size: int, warmup: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(work),
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=warmup,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        max_steps=10**7,  # the time budget stops training
+        bf16=torch.cuda.is_available(),
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+        disable_tqdm=True,
+        seed=args.seed,
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# FLOPs (Kaplan et al. convention: 6 x matmul parameters per trained position, plus 12 x layers x context x width
+# for attention scores; embeddings lookups are free)
+# ------------------------------------------------------------------------------------------------------------------
+def _matmul_params(module: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def calm_flops_per_token(model: CalmForCausalLM, context_chunks: int) -> float:
+    config, k = model.config, model.config.patch_size
+    backbone = _matmul_params(model.model) + _matmul_params(model.chunk_proj)
+    head = _matmul_params(model.head) * config.num_samples  # every position runs the head S times
+    encoder = 2 * _matmul_params(model.autoencoder.encoder)  # forward only: target posteriors
+    layers, width = config.backbone_config.num_hidden_layers, config.hidden_size
+    per_position = 6 * (backbone + head) + encoder + 12 * layers * context_chunks * width
+    return per_position / k
+
+
+def llama_flops_per_token(model: LlamaForCausalLM, context: int) -> float:
+    config = model.config
+    return 6 * _matmul_params(model) + 12 * config.num_hidden_layers * context * config.hidden_size
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------------------------
+def stage_ae(work, args, tokenizer, train_ids):
+    config = CalmAutoencoderConfig(
+        vocab_size=len(tokenizer), hidden_size=args.ae_hidden, intermediate_size=args.ae_intermediate,
+        latent_size=args.latent_size, patch_size=args.patch_size, num_encoder_layers=2, num_decoder_layers=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = CalmAutoencoder(config)
+    budget = TimeBudget(args.ae_seconds)
+    trainer = Trainer(
+        model=model, args=training_arguments(work / "ae", args, args.ae_lr, args.ae_batch, 200),
+        train_dataset=TokenBlocks(train_ids, args.block_size), callbacks=[budget],
+    )
+    result = trainer.train()
+    model.save_pretrained(work / "ae" / "model")
+    tokens = result.global_step * args.ae_batch * args.block_size
+    log = [r for r in trainer.state.log_history if "loss" in r]
+    summary = {"steps": result.global_step, "tokens": tokens, "train_seconds": budget.train_time,
+               "tokens_per_second": tokens / budget.train_time, "final_loss": log[-1]["loss"] if log else None,
+               "parameters": sum(p.numel() for p in model.parameters()), "log": log}
+    write_json(work / "ae" / "done.json", summary)
+    update_results(work, "autoencoder_training", {k: v for k, v in summary.items() if k != "log"})
+
+
+@torch.no_grad()
+def stage_ae_eval(work, args, tokenizer, eval_blocks):
+    model = CalmAutoencoder.from_pretrained(work / "ae" / "model").to(args.device).eval()
+    ids = eval_blocks["input_ids"].to(args.device)
+    labels = eval_blocks["labels"].to(args.device)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+
+    def accuracy(**kwargs):
+        hits = total = 0
+        for start in range(0, len(ids), 16):
+            out = model(ids[start : start + 16], labels=labels[start : start + 16], generator=generator, **kwargs)
+            valid = labels[start : start + 16] != -100
+            hits += (out.logits.argmax(-1)[valid] == labels[start : start + 16][valid]).sum().item()
+            total += valid.sum().item()
+        return hits / total
+
+    means, stds = [], []
+    for start in range(0, len(ids), 16):
+        mean, log_std = model.encode(ids[start : start + 16])
+        means.append(mean.reshape(-1, mean.shape[-1]).float())
+        stds.append(log_std.exp().reshape(-1, mean.shape[-1]).float())
+    means, stds = torch.cat(means), torch.cat(stds)
+    # Active units (Burda et al. 2016): dimensions whose posterior mean varies across chunks (variance > 0.01).
+    active = int((means.var(0) > 0.01).sum())
+    results = {
+        "accuracy_posterior_mean": accuracy(sample_latents=False),
+        "accuracy_posterior_sample": accuracy(sample_latents=True),
+        "accuracy_mean_plus_noise": {str(s): accuracy(sample_latents=False, latent_noise_std=s) for s in NOISE_LEVELS},
+        "active_dimensions": active,
+        "latent_size": means.shape[-1],
+        "mean_posterior_std": stds.mean().item(),
+        "eval_tokens": int((labels != -100).sum()),
+    }
+    write_json(work / "ae_eval" / "done.json", results)
+    update_results(work, "autoencoder_eval", results)
+
+
+def _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step):
+    subset = {k: v[: args.curve_blocks] for k, v in eval_blocks.items()}
+
+    def probe(model, step, train_time):
+        was_training = model.training
+        model.eval()
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            result = evaluate_brier(model, subset, batch_size=args.eval_batch, seeds=(0,), progress=False)
+        model.train(was_training)
+        tokens = step * tokens_per_step
+        curve.append({"step": step, "train_seconds": train_time, "tokens": tokens, "flops": tokens * flops_per_token,
+                      "brier_lm": result["mean"]["brier_lm"],
+                      **{f"brier_{n}": result["mean"][f"brier_{n}"] for n in range(1, 5)}})
+        print(f"[curve] step {step} t={train_time:.0f}s BrierLM={curve[-1]['brier_lm']:.2f}", flush=True)
+
+    return probe
+
+
+def _train_lm(work, name, model, args, train_ids, eval_blocks, flops_per_token):
+    curve = []
+    tokens_per_step = args.lm_batch * args.block_size
+    budget = TimeBudget(args.lm_seconds, args.curve_every,
+                        _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step))
+    trainer = Trainer(
+        model=model, args=training_arguments(work / name, args, args.lm_lr, args.lm_batch, 200),
+        train_dataset=TokenBlocks(train_ids, args.block_size), callbacks=[budget],
+    )
+    result = trainer.train()
+    model.save_pretrained(work / name / "model")
+    tokens = result.global_step * tokens_per_step
+    median_step = float(np.median(budget.step_times[10:] or budget.step_times))
+    log = [r for r in trainer.state.log_history if "loss" in r]
+    summary = {
+        "steps": result.global_step, "tokens": tokens, "train_seconds": budget.train_time,
+        "tokens_per_second": tokens_per_step / median_step, "flops_per_token": flops_per_token,
+        "train_flops": tokens * flops_per_token,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "final_loss": log[-1]["loss"] if log else None, "curve": curve, "log": log,
+    }
+    write_json(work / name / "done.json", summary)
+    update_results(work, f"{name}_training", {k: v for k, v in summary.items() if k != "log"})
+
+
+def backbone_config(args, tokenizer, positions: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=positions, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def stage_calm(work, args, tokenizer, train_ids, eval_blocks):
+    torch.manual_seed(args.seed)
+    autoencoder = CalmAutoencoder.from_pretrained(work / "ae" / "model")
+    k = autoencoder.config.patch_size
+    model = CalmForCausalLM.from_autoencoder(
+        autoencoder, backbone_config=backbone_config(args, tokenizer, args.block_size // k).to_dict(),
+        noise_size=64, num_mlp_layers=4, num_samples=8, num_target_samples=100,
+    )
+    _train_lm(work, "calm", model, args, train_ids, eval_blocks, calm_flops_per_token(model, args.block_size // k))
+
+
+def stage_baseline(work, args, tokenizer, train_ids, eval_blocks):
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(backbone_config(args, tokenizer, args.block_size))
+    _train_lm(work, "baseline", model, args, train_ids, eval_blocks, llama_flops_per_token(model, args.block_size))
+
+
+def load_lm(work, name, args):
+    cls = CalmForCausalLM if name == "calm" else LlamaForCausalLM
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return cls.from_pretrained(work / name / "model", dtype=dtype).to(args.device).eval()
+
+
+def stage_eval(work, args, tokenizer, eval_blocks):
+    results = {}
+    for name in ("calm", "baseline"):
+        model = load_lm(work, name, args)
+        start = time.perf_counter()
+        result = evaluate_brier(model, eval_blocks, batch_size=args.eval_batch, seeds=tuple(args.seeds), progress=False)
+        result["seconds"] = time.perf_counter() - start
+        results[name] = result
+        print(f"[eval] {name}: BrierLM {result['mean']['brier_lm']:.2f} +- {result['std']['brier_lm']:.2f}", flush=True)
+    write_json(work / "eval" / "done.json", results)
+    update_results(work, "brier_lm", results)
+
+
+@torch.no_grad()
+def stage_samples(work, args, tokenizer, eval_blocks):
+    prompt_ids = eval_blocks["input_ids"][: args.num_prompts, : args.prompt_tokens].to(args.device)
+    samples = {"prompts": tokenizer.batch_decode(prompt_ids)}
+    for name in ("calm", "baseline"):
+        model = load_lm(work, name, args)
+        for temperature in TEMPERATURES:
+            generator = torch.Generator(device=args.device).manual_seed(0)
+            torch.manual_seed(0)
+            kwargs = dict(max_new_tokens=args.new_tokens, temperature=temperature)
+            if name == "calm":
+                kwargs.update(generator=generator, sampling_method="approximate" if temperature < 1 else None,
+                              num_candidates=200)
+                kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            else:
+                kwargs.update(do_sample=True, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(input_ids=prompt_ids, **kwargs)
+            samples[f"{name}_T{temperature}"] = tokenizer.batch_decode(output[:, prompt_ids.shape[1] :])
+    write_json(work / "samples" / "done.json", samples)
+    update_results(work, "samples", samples)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=".gpu")
+    parser.add_argument("--work", default="runs/real_results")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes and budgets: a CPU check of the pipeline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block_size", type=int, default=2048)
+    parser.add_argument("--patch_size", type=int, default=4)
+    parser.add_argument("--latent_size", type=int, default=128)
+    parser.add_argument("--ae_hidden", type=int, default=512)
+    parser.add_argument("--ae_intermediate", type=int, default=1280)
+    parser.add_argument("--ae_seconds", type=float, default=240)
+    parser.add_argument("--ae_batch", type=int, default=32)
+    parser.add_argument("--ae_lr", type=float, default=5e-4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1376)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--lm_seconds", type=float, default=300)
+    parser.add_argument("--lm_batch", type=int, default=16)
+    parser.add_argument("--lm_lr", type=float, default=5e-4)
+    parser.add_argument("--curve_every", type=float, default=60)
+    parser.add_argument("--curve_blocks", type=int, default=32)
+    parser.add_argument("--eval_block_size", type=int, default=1024)
+    parser.add_argument("--eval_batch", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--num_prompts", type=int, default=4)
+    parser.add_argument("--prompt_tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    args = parser.parse_args()
+    if args.tiny:
+        args.block_size, args.ae_hidden, args.ae_intermediate, args.latent_size = 64, 32, 64, 16
+        args.hidden, args.intermediate, args.layers, args.heads = 32, 64, 2, 4
+        args.ae_seconds = args.lm_seconds = 6
+        args.curve_every, args.curve_blocks, args.eval_block_size = 3, 2, 64
+        args.ae_batch = args.lm_batch = 8
+        args.seeds, args.num_prompts, args.new_tokens = [0, 1], 2, 8
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    data, work = Path(args.data), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
+    train_ids = np.load(data / "train_ids.npy", mmap_mode="r")
+    if args.tiny:
+        train_ids = np.asarray(train_ids[:200_000])
+    eval_blocks = load_text_blocks(str(data / "eval.jsonl"), tokenizer, args.eval_block_size,
+                                   multiple_of=args.patch_size)
+    if args.tiny:
+        eval_blocks = {k: v[:4] for k, v in eval_blocks.items()}
+    update_results(work, "setup", {**environment(), **json.loads((data / "data.json").read_text()),
+                                   "arguments": {k: v for k, v in vars(args).items()},
+                                   "eval_blocks": int(eval_blocks["input_ids"].shape[0])})
+    for stage in args.stages:
+        if (work / stage / "done.json").exists():
+            print(f"[{stage}] already done", flush=True)
+            continue
+        start = time.perf_counter()
+        print(f"[{stage}] start", flush=True)
+        if stage == "ae":
+            stage_ae(work, args, tokenizer, train_ids)
+        elif stage == "ae_eval":
+            stage_ae_eval(work, args, tokenizer, eval_blocks)
+        elif stage == "calm":
+            stage_calm(work, args, tokenizer, train_ids, eval_blocks)
+        elif stage == "baseline":
+            stage_baseline(work, args, tokenizer, train_ids, eval_blocks)
+        elif stage == "eval":
+            stage_eval(work, args, tokenizer, eval_blocks)
+        elif stage == "samples":
+            stage_samples(work, args, tokenizer, eval_blocks)
+        print(f"[{stage}] done in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

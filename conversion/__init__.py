@@ -1,0 +1,1 @@
+"""Tools that convert the CALM authors' released checkpoints into this package's format (not shipped)."""

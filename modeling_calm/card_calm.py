@@ -1,0 +1,641 @@
+"""Model cards for CALM checkpoints and pushing them to the Hugging Face Hub.
+
+Not shipped to the Hub (the modeling files never import it). Uses `huggingface_hub`'s `ModelCard`,
+`ModelCardData` and `EvalResult`, so the metadata (model-index with BrierLM and autoencoder accuracy) is the
+standard one the Hub reads, and `ModelCard(text).data.eval_results` gives the numbers back.
+
+    card = build_model_card(model, model_name="calm-m", repo_id="org/calm-m",
+                            brier_lm={**evaluate_brier(model, blocks)["mean"], "dataset": "wikitext"},
+                            training_data=["monology/pile-uncopyrighted"], tokenizer_name="meta-llama/Meta-Llama-3-8B")
+    card.save(os.path.join(output_dir, "README.md"))
+    push_calm_to_hub(output_dir, "org/calm-m", tokenizer=tokenizer, card=card)       # one commit
+
+`push_calm_to_hub` stages the model folder (weights, config with `auto_map`, the remote-code `.py` files), the
+tokenizer files and the card as one commit through `HfApi.create_commit`. The standard calls work too
+(`model.push_to_hub`, `tokenizer.push_to_hub`, `card.push_to_hub`), but each is its own commit, and the first two
+write a generic README.md when the repo has no card yet: push the card last.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+CALM_PAPER_URL = "https://arxiv.org/abs/2510.27688"
+CALM_BIBTEX = """@article{shao2025calm,
+  title   = {Continuous Autoregressive Language Models},
+  author  = {Shao, Chenze and others},
+  journal = {arXiv preprint arXiv:2510.27688},
+  year    = {2025},
+  url     = {https://arxiv.org/abs/2510.27688}
+}"""
+CALM_TAGS = ["calm", "continuous-autoregressive", "custom_code"]
+BRIER_KEYS = ("brier_1", "brier_2", "brier_3", "brier_4")
+# Advice of the paper for fluent text (CALM.md section 4).
+FLUENT_TEMPERATURE, FLUENT_NUM_CANDIDATES = 0.5, 200
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".gz", ".xz", ".bz2")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Facts about a model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _config_and_model(model_or_config, model_type: str):
+    config = getattr(model_or_config, "config", model_or_config)
+    if getattr(config, "model_type", None) != model_type:
+        raise ValueError(
+            f"Expected a model or config of model_type {model_type!r}, got {type(model_or_config).__name__} "
+            f"(model_type {getattr(config, 'model_type', None)!r})."
+        )
+    model = model_or_config if config is not model_or_config else None
+    if model is not None and hasattr(model, "get_base_model"):
+        raise ValueError("Got a PEFT model: merge it first (`merge_and_unload()`) or describe the base model.")
+    return config, model
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() yields a tied weight once
+
+
+def calm_parameter_counts(model_or_config) -> dict[str, int]:
+    """Parameters of a CALM: `{"total", "autoencoder", "without_autoencoder", "backbone", "head", "compression"}`.
+
+    A config is built on the meta device (no memory, a fraction of a second even for CALM-XL). "backbone" includes
+    its token embedding; "without_autoencoder" is what the paper's size table reports (CALM-M: 371.7M).
+    """
+    config, model = _config_and_model(model_or_config, "calm")
+    if model is None:
+        from .modeling_calm import CalmForCausalLM
+
+        with torch.device("meta"):
+            model = CalmForCausalLM(config)
+    total, autoencoder = _count(model), _count(model.autoencoder)
+    return {
+        "total": total,
+        "autoencoder": autoencoder,
+        "without_autoencoder": total - autoencoder,
+        "backbone": _count(model.model),
+        "head": _count(model.head),
+        "compression": _count(model.chunk_proj),
+    }
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.fullmatch(name)) and not name.endswith(_FILE_SUFFIXES) and not os.path.exists(name)
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation results
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dataset(info: Mapping[str, Any], what: str) -> dict[str, str | None]:
+    dataset = info.get("dataset")
+    if dataset is None:
+        logger.warning(f"No `dataset` given for the {what} result: the card says 'unspecified'.")
+    return {
+        "dataset_type": dataset or "unspecified",
+        "dataset_name": info.get("dataset_name") or dataset or "unspecified evaluation text",
+        "dataset_split": info.get("split"),
+        "dataset_config": info.get("dataset_config"),
+    }
+
+
+def _brier_info(brier_lm) -> dict[str, Any]:
+    """Normalise `brier_lm` (a number, a `BrierAccumulator.compute()` dict, or an `evaluate_brier` result)."""
+    if brier_lm is None:
+        return {}
+    if not isinstance(brier_lm, Mapping):
+        return {"brier_lm": _number(brier_lm, "brier_lm")}
+    info = dict(brier_lm)
+    if isinstance(info.get("mean"), Mapping):  # evaluate_brier(...): means and spread over seeds
+        info = {**info["mean"], **{k: v for k, v in info.items() if k not in ("mean", "per_seed", "pooled")}}
+        info["std"] = brier_lm["std"].get("brier_lm") if isinstance(brier_lm.get("std"), Mapping) else None
+        info["num_seeds"] = len(brier_lm.get("seeds") or ())
+    if "brier_lm" not in info:
+        raise ValueError(f"`brier_lm` must be a number or a dict with a 'brier_lm' entry, got keys {sorted(info)}.")
+    info["brier_lm"] = _number(info["brier_lm"], "brier_lm")
+    for key in BRIER_KEYS:
+        if info.get(key) is not None:
+            info[key] = _number(info[key], key)
+    std = info.get("std")
+    info["std"] = float(std) if isinstance(std, (int, float)) and math.isfinite(std) else None
+    return info
+
+
+def _brier_results(info: Mapping[str, Any]) -> list[EvalResult]:
+    common = dict(task_type="text-generation", task_name="Language modeling (BrierLM)", **_dataset(info, "BrierLM"))
+    results = [EvalResult(metric_type="brier_lm", metric_name="BrierLM", metric_value=info["brier_lm"], **common)]
+    for key in BRIER_KEYS:
+        if info.get(key) is not None:
+            results.append(
+                EvalResult(metric_type=key, metric_name=f"Brier-{key[-1]}", metric_value=info[key], **common)
+            )
+    return results
+
+
+def _accuracy_info(accuracy, name: str) -> dict[str, Any]:
+    """`accuracy`: a number (latent sampled) or a dict with `sampled` and/or `mean` (and dataset info)."""
+    if accuracy is None:
+        return {}
+    info = {"sampled": accuracy} if not isinstance(accuracy, Mapping) else dict(accuracy)
+    if info.get("sampled") is None and info.get("mean") is None:
+        raise ValueError(f"`{name}` must be a number or a dict with 'sampled' and/or 'mean', got {accuracy!r}.")
+    for key in ("sampled", "mean"):
+        if info.get(key) is not None:
+            value = _number(info[key], f"{name}['{key}']")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}['{key}']` is a token accuracy in [0, 1], got {value!r}.")
+            info[key] = value
+    return info
+
+
+def _accuracy_results(info: Mapping[str, Any]) -> list[EvalResult]:
+    # A separate model-index result (task "feature-extraction"), so BrierLM and the autoencoder do not mix.
+    common = dict(
+        task_type="feature-extraction", task_name="Chunk reconstruction (autoencoder)", metric_type="accuracy",
+        **_dataset(info, "autoencoder accuracy"),
+    )
+    results = []
+    if info.get("sampled") is not None:
+        results.append(EvalResult(metric_name="Token accuracy (z sampled)", metric_config="latent_sample",
+                                  metric_value=info["sampled"], **common))
+    if info.get("mean") is not None:
+        results.append(EvalResult(metric_name="Token accuracy (z = mean)", metric_config="latent_mean",
+                                  metric_value=info["mean"], **common))
+    return results
+
+
+def _brier_section(info: Mapping[str, Any]) -> str:
+    rows = [f"| {k.replace('brier_', 'Brier-')} | {info[k]:.4f} |" for k in BRIER_KEYS if info.get(k) is not None]
+    spread = f" ± {info['std']:.2f} (std over {info.get('num_seeds') or '?'} seeds)" if info.get("std") else ""
+    rows.append(f"| **BrierLM** | **{info['brier_lm']:.2f}**{spread} |")
+    where = _dataset_text(info)
+    extra = f", {info['num_positions']:,} scored positions" if info.get("num_positions") else ""
+    return (
+        f"BrierLM on {where}{extra}. Brier-n is the mean two-sample Brier estimate of the next n tokens; BrierLM "
+        "= 100 x their geometric mean (higher is better).\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
+    )
+
+
+def _accuracy_rows(info: Mapping[str, Any]) -> list[str]:
+    rows = []
+    if info.get("sampled") is not None:
+        rows.append(f"| token accuracy, z sampled from the posterior | {100 * info['sampled']:.3f} % |")
+    if info.get("mean") is not None:
+        rows.append(f"| token accuracy, z = posterior mean | {100 * info['mean']:.3f} % |")
+    return rows
+
+
+def _dataset_text(info: Mapping[str, Any]) -> str:
+    name = info.get("dataset_name") or info.get("dataset") or "an unspecified evaluation text"
+    return name + (f" ({info['split']})" if info.get("split") else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Card text
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _data_and_tokenizer(training_data, tokenizer_name, tokenizer_license) -> tuple[str, list[str]]:
+    if isinstance(training_data, str):
+        training_data = [training_data]
+    names = list(training_data or [])
+    data = "\n".join(f"- {name}" for name in names) or "Not stated."
+    tokenizer = tokenizer_name or "not stated"
+    if tokenizer_license:
+        tokenizer += f" (licence: {tokenizer_license}; the tokenizer's own terms apply to it)"
+    text = f"## Training data\n\n{data}\n\n## Tokenizer\n\n{tokenizer}"
+    return text, [name for name in names if _is_hub_id(name)]
+
+
+def _extra(extra_sections) -> str:
+    if not extra_sections:
+        return ""
+    items = extra_sections.items() if isinstance(extra_sections, Mapping) else extra_sections
+    return "".join(f"\n\n## {title}\n\n{body.strip()}" for title, body in items)
+
+
+def _sections(sections: list[str]) -> str:
+    return "\n\n".join(sections) or "No evaluation reported."
+
+
+def _conversion(conversion: str | None) -> str:
+    return f"\n## Conversion\n\n{conversion.strip()}\n" if conversion else ""
+
+
+def _card(data: ModelCardData, body: str) -> ModelCard:
+    # Same result as ModelCard.from_template with a one-line template, without needing jinja2.
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+
+
+def build_model_card(
+    model_or_config,
+    *,
+    model_name: str,
+    repo_id: str | None = None,
+    brier_lm: float | Mapping[str, Any] | None = None,
+    autoencoder_accuracy: float | Mapping[str, Any] | None = None,
+    training_data: Sequence[str] | str | None = None,
+    tokenizer_name: str | None = None,
+    tokenizer_license: str | None = None,
+    license: str = "apache-2.0",
+    base_model: str | list[str] | None = None,
+    conversion: str | None = None,
+    extra_sections: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    language: str | list[str] | None = "en",
+    tags: Sequence[str] | None = None,
+) -> ModelCard:
+    """A model card for a `CalmForCausalLM` (or its `CalmConfig`), with Hub metadata and a model-index.
+
+    Args:
+        model_or_config: the model (parameters counted as they are) or its config (built on the meta device).
+        model_name: the name in the title and in the model-index.
+        repo_id: the Hub id used in the loading example (default: `model_name`).
+        brier_lm: BrierLM as a number, or a dict with `brier_lm` and optionally `brier_1`..`brier_4`, `std`,
+            `num_seeds`, `num_positions`, and the dataset: `dataset` (Hub id), `dataset_name`, `split`. The result
+            of `evaluation_calm.evaluate_brier` (with "mean"/"std"/"seeds") is read as well: pass
+            `{**evaluate_brier(...), "dataset": "wikitext", "split": "test"}`.
+        autoencoder_accuracy: token accuracy of the autoencoder in [0, 1]: a number (z sampled) or a dict with
+            `sampled` and/or `mean` (and dataset keys as above). A separate model-index result.
+        training_data: dataset ids or names; those that look like Hub ids go into the `datasets` metadata.
+        tokenizer_name, tokenizer_license: shown in the card (e.g. a Llama-3 tokenizer and its licence).
+        license: the licence of the weights (metadata `license`).
+        base_model: metadata `base_model` (e.g. the autoencoder's repo, or the original of a conversion).
+        conversion: text for converted checkpoints (what was converted from where, and the numeric check).
+        extra_sections: `{title: markdown}` appended before the citation.
+        language, tags: metadata; CALM's tags are always added.
+
+    Returns:
+        A `huggingface_hub.ModelCard`; `card.save(path)` or `push_calm_to_hub(..., card=card)`.
+    """
+    config, model = _config_and_model(model_or_config, "calm")
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"`model_name` must be a non-empty string, got {model_name!r}.")
+    counts = calm_parameter_counts(model if model is not None else config)
+    backbone, k = config.backbone_config, config.patch_size
+    brier = _brier_info(brier_lm)
+    accuracy = _accuracy_info(autoencoder_accuracy, "autoencoder_accuracy")
+    repo = repo_id or model_name
+    data_text, dataset_ids = _data_and_tokenizer(training_data, tokenizer_name, tokenizer_license)
+
+    eval_results = (_brier_results(brier) if brier else []) + (_accuracy_results(accuracy) if accuracy else [])
+    data = ModelCardData(
+        model_name=model_name, license=license, language=language, library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys([*CALM_TAGS, f"{config.head_type}-head", *(tags or [])])),
+        base_model=base_model, datasets=dataset_ids or None, eval_results=eval_results or None,
+    )
+
+    details = "\n".join([
+        "| | |", "|---|---|",
+        f"| K (tokens per step, `patch_size`) | {k} |",
+        f"| latent size Z (`latent_size`) | {config.latent_size} |",
+        f"| generative head | {config.head_type} ({config.num_mlp_layers} blocks, noise size {config.noise_size}) |",
+        f"| backbone | {backbone.model_type}, width {backbone.hidden_size}, depth {backbone.num_hidden_layers}, "
+        f"MLP {getattr(backbone, 'intermediate_size', '?')}, {getattr(backbone, 'num_attention_heads', '?')} heads |",
+        f"| context | {backbone.max_position_embeddings} steps = {backbone.max_position_embeddings * k} tokens |",
+        f"| vocabulary | {config.vocab_size} |",
+        f"| parameters without the autoencoder | {_millions(counts['without_autoencoder'])} |",
+        f"| parameters of the frozen autoencoder | {_millions(counts['autoencoder'])} |",
+        f"| parameters in total | {_millions(counts['total'])} |",
+    ])
+    evaluation = []
+    if brier:
+        evaluation.append(_brier_section(brier))
+    if accuracy:
+        evaluation.append(
+            f"Autoencoder reconstruction on {_dataset_text(accuracy)}:\n\n| | |\n|---|---|\n"
+            + "\n".join(_accuracy_rows(accuracy))
+        )
+    body = f"""# {model_name}
+
+A **Continuous Autoregressive Language Model** (CALM, [Shao et al., 2025]({CALM_PAPER_URL})). A frozen autoencoder
+compresses every chunk of K = {k} tokens into one continuous vector of size {config.latent_size}; a Transformer
+predicts the next vector with a likelihood-free generative head ({config.head_type}), and the autoencoder decodes
+it back into K tokens. Generation therefore takes one step per {k} tokens.
+{_conversion(conversion)}
+## Model details
+
+{details}
+
+{data_text}
+
+## Evaluation
+
+{_sections(evaluation)}
+
+## How to use
+
+The modeling code lives in this repository, so loading needs `trust_remote_code=True`:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+inputs = tokenizer("The history of the city begins", return_tensors="pt")
+output = model.generate(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=64,
+                        temperature={FLUENT_TEMPERATURE}, sampling_method="approximate",
+                        num_candidates={FLUENT_NUM_CANDIDATES})
+print(tokenizer.decode(output[0], skip_special_tokens=True))
+```
+
+## Intended use and limitations
+
+- Research on continuous, likelihood-free language modelling. The model is **likelihood-free**: it has no token
+  probabilities, so it has no perplexity or log-likelihood; compare models with BrierLM.
+- Temperature is likelihood-free too (rejection-style sampling from the model's own samples). At temperature 1
+  samples are diverse but rarely fluent; for fluent text use the approximate method with T <= {FLUENT_TEMPERATURE} and
+  about N = {FLUENT_NUM_CANDIDATES} candidates per step (as above), which costs roughly N times more per step.
+- BrierLM is a sampling estimate: it moves between sampling seeds, so compare models on the same text and report
+  the spread over seeds.
+- Outputs are not factual and may be biased or offensive like the training text; do not use them as facts or
+  for decisions about people.
+- The autoencoder is frozen and part of the checkpoint; fine-tuning (e.g. LoRA) adapts the backbone, its input
+  compression and the head only. Prompts are read in whole chunks of K tokens.{_extra(extra_sections)}
+
+## Citation
+
+```bibtex
+{CALM_BIBTEX}
+```
+"""
+    return _card(data, body)
+
+
+def build_autoencoder_card(
+    model_or_config,
+    *,
+    model_name: str,
+    repo_id: str | None = None,
+    accuracy: float | Mapping[str, Any] | None = None,
+    noise_robustness: Mapping[float, float] | None = None,
+    training_data: Sequence[str] | str | None = None,
+    tokenizer_name: str | None = None,
+    tokenizer_license: str | None = None,
+    license: str = "apache-2.0",
+    base_model: str | list[str] | None = None,
+    conversion: str | None = None,
+    extra_sections: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    language: str | list[str] | None = "en",
+    tags: Sequence[str] | None = None,
+) -> ModelCard:
+    """A model card for a lone `CalmAutoencoder` (or its `CalmAutoencoderConfig`).
+
+    Args:
+        accuracy: token accuracy in [0, 1]: a number (z sampled from the posterior) or a dict with `sampled`
+            and/or `mean` (z = posterior mean) and the dataset keys `dataset`, `dataset_name`, `split`.
+        noise_robustness: `{sigma: accuracy}`: accuracy when Gaussian noise of std sigma is added to z (the
+            robustness the language model's head relies on), shown as a table.
+        Other arguments: as for `build_model_card`.
+
+    Returns:
+        A `huggingface_hub.ModelCard`.
+    """
+    config, model = _config_and_model(model_or_config, "calm_autoencoder")
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"`model_name` must be a non-empty string, got {model_name!r}.")
+    if model is None:
+        from .modeling_calm_autoencoder import CalmAutoencoder
+
+        with torch.device("meta"):
+            model = CalmAutoencoder(config)
+    parameters = _count(model)
+    info = _accuracy_info(accuracy, "accuracy")
+    robustness = {
+        _number(sigma, "noise_robustness key"): _number(acc, f"noise_robustness[{sigma}]")
+        for sigma, acc in (noise_robustness or {}).items()
+    }
+    repo, k = repo_id or model_name, config.patch_size
+    data_text, dataset_ids = _data_and_tokenizer(training_data, tokenizer_name, tokenizer_license)
+    eval_results = _accuracy_results(info) if info else []
+    data = ModelCardData(
+        model_name=model_name, license=license, language=language, library_name="transformers",
+        pipeline_tag="feature-extraction", tags=list(dict.fromkeys([*CALM_TAGS, "autoencoder", *(tags or [])])),
+        base_model=base_model, datasets=dataset_ids or None, eval_results=eval_results or None,
+    )
+    evaluation = []
+    if info:
+        evaluation.append(f"On {_dataset_text(info)}:\n\n| | |\n|---|---|\n" + "\n".join(_accuracy_rows(info)))
+    if robustness:
+        rows = "\n".join(f"| {sigma:g} | {100 * acc:.3f} % |" for sigma, acc in sorted(robustness.items()))
+        evaluation.append(f"Robustness: token accuracy with Gaussian noise of std sigma added to z.\n\n"
+                          f"| sigma | token accuracy |\n|---|---|\n{rows}")
+    body = f"""# {model_name}
+
+The chunk autoencoder of a **Continuous Autoregressive Language Model** (CALM, [Shao et al., 2025]({CALM_PAPER_URL})):
+it maps every chunk of K = {k} tokens to one latent vector of size {config.latent_size} and back, context-free.
+Its latent space is trained to be robust (variational, with KL clipping and dropout), so a language model can
+predict it. A CALM nests it, frozen, in its own checkpoint.
+{_conversion(conversion)}
+## Model details
+
+| | |
+|---|---|
+| K (tokens per chunk, `patch_size`) | {k} |
+| latent size Z (`latent_size`) | {config.latent_size} |
+| width / MLP | {config.hidden_size} / {config.intermediate_size} |
+| encoder / decoder blocks | {config.num_encoder_layers} / {config.num_decoder_layers} |
+| vocabulary | {config.vocab_size} |
+| parameters | {_millions(parameters)} |
+
+{data_text}
+
+## Evaluation
+
+{_sections(evaluation)}
+
+## How to use
+
+```python
+from transformers import AutoModel, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+autoencoder = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
+ids = tokenizer("Each chunk of K tokens becomes one vector.", return_tensors="pt").input_ids
+ids = ids[:, : ids.shape[1] // {k} * {k}]                 # whole chunks of K = {k} tokens
+mean, log_std = autoencoder.encode(ids)                  # [1, chunks, {config.latent_size}]
+tokens = autoencoder.decode_tokens(mean)                 # back to [1, chunks * {k}] token ids
+```
+
+## Intended use and limitations
+
+- Stage 1 of CALM (train a language model on its latents with `CalmForCausalLM.from_autoencoder`), and a
+  context-free chunk embedder. Each chunk is encoded on its own: the vectors carry no context.
+- Text is read in whole chunks of K tokens; a chunk that crosses a document border mixes both documents.
+- Accuracy is measured with z sampled from the posterior (the noise the language model must tolerate) and with the
+  posterior mean; reconstructions are not guaranteed to be exact.{_extra(extra_sections)}
+
+## Citation
+
+```bibtex
+{CALM_BIBTEX}
+```
+"""
+    return _card(data, body)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pushing to the Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_model_folder(folder: str) -> dict:
+    """The folder must load with trust_remote_code: config.json with auto_map, and every module it names."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{folder!r} has no config.json (nor adapter_config.json): not a saved model.")
+    with open(config_path, encoding="utf-8") as file:
+        config = json.load(file)
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        raise ValueError(
+            f"{config_path} has no auto_map, so the repo would not load with trust_remote_code=True: save the model "
+            "with the modeling_calm package imported (it registers the classes for remote code)."
+        )
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    # The modules auto_map names, and every file they import with `from .x import y` (as the remote-code loader
+    # follows them), must all be in the folder.
+    pending = [
+        target.rsplit(".", 1)[0]
+        for reference in auto_map.values()
+        for target in ([reference] if isinstance(reference, str) else reference)
+        if target and "--" not in target  # "org/repo--module.Class" lives in another repo
+    ]
+    seen: set[str] = set()
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = os.path.join(folder, module + ".py")
+        if not os.path.isfile(path):
+            raise ValueError(f"{module}.py is missing from {folder!r}: the remote code (auto_map) needs it.")
+        pending.extend(get_relative_imports(path))
+    return config
+
+
+def _default_card(folder: str, model_type: str | None, repo_id: str) -> ModelCard:
+    from .configuration_calm import CalmAutoencoderConfig, CalmConfig
+
+    name = repo_id.split("/")[-1]
+    if model_type == "calm":
+        return build_model_card(CalmConfig.from_pretrained(folder), model_name=name, repo_id=repo_id)
+    if model_type == "calm_autoencoder":
+        return build_autoencoder_card(CalmAutoencoderConfig.from_pretrained(folder), model_name=name, repo_id=repo_id)
+    raise ValueError(f"No default card for model_type {model_type!r}: pass card=.")
+
+
+def push_calm_to_hub(
+    folder_or_model,
+    repo_id: str,
+    *,
+    tokenizer=None,
+    card: ModelCard | str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload CALM model, tokenizer and card",
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    validate_card: bool = True,
+):
+    """Pushes a CALM (or lone autoencoder, or PEFT adapter) with its tokenizer and card to the Hub in one commit.
+
+    Everything goes through `HfApi.create_repo` and `HfApi.create_commit`: the model folder's files (weights,
+    `config.json` with `auto_map`, the remote-code `.py` files, `generation_config.json`), the tokenizer's files and
+    `README.md` from the card.
+
+    Args:
+        folder_or_model: a folder written by `save_pretrained`, or a model (saved to a temporary folder first).
+        repo_id: `"org/name"`.
+        tokenizer: a tokenizer (or a folder / id to load one from) whose files are added; optional.
+        card: a `ModelCard` (or its text) for README.md. Default: the folder's README.md if it has one, else a
+            card from `build_model_card` / `build_autoencoder_card` with no evaluation.
+        private: create the repo as private (an existing repo keeps its visibility).
+        commit_message, revision, create_pr, token: passed to `create_commit`.
+        validate_card: check the card's metadata with the Hub's validator first (`ModelCard.validate`, online).
+
+    Returns:
+        The `CommitInfo` of the commit.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"`repo_id` must look like 'org/name', got {repo_id!r}.")
+    with tempfile.TemporaryDirectory() as staging:
+        if isinstance(folder_or_model, (str, os.PathLike)):
+            folder = os.fspath(folder_or_model)
+            if not os.path.isdir(folder):
+                raise ValueError(f"{folder!r} is not a folder.")
+        else:
+            folder = os.path.join(staging, "model")
+            folder_or_model.save_pretrained(folder)
+        files = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                 if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".")}
+        skipped = [name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))]
+        if skipped:
+            logger.warning(f"Sub-folders of {folder!r} are not pushed: {sorted(skipped)}.")
+
+        if "adapter_config.json" in files and "config.json" not in files:
+            with open(files["adapter_config.json"], encoding="utf-8") as file:
+                base = json.load(file).get("base_model_name_or_path")
+            if base and os.path.exists(base):
+                logger.warning(f"The adapter's base_model_name_or_path is the local path {base!r}: others cannot "
+                               "load it. Load the base from its Hub id before get_peft_model, then save again.")
+            config = None
+        else:
+            config = _check_model_folder(folder)
+
+        if tokenizer is not None:
+            if isinstance(tokenizer, (str, os.PathLike)):
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            tokenizer_dir = os.path.join(staging, "tokenizer")
+            tokenizer.save_pretrained(tokenizer_dir)
+            files.update({name: os.path.join(tokenizer_dir, name) for name in os.listdir(tokenizer_dir)})
+
+        if card is None and "README.md" not in files and config is not None:
+            card = _default_card(folder, config.get("model_type"), repo_id)
+        if card is not None:
+            card = card if isinstance(card, ModelCard) else ModelCard(str(card))
+            if validate_card:
+                card.validate()
+            readme = os.path.join(staging, "README.md")
+            card.save(readme)
+            files["README.md"] = readme
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=path) for name, path in files.items()]
+        logger.info(f"Pushing {len(operations)} files to {repo_id}: {sorted(files)}")
+        return api.create_commit(
+            repo_id, operations, commit_message=commit_message, revision=revision, create_pr=create_pr,
+            repo_type="model",
+        )
