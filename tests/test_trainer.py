@@ -110,6 +110,23 @@ def test_brier_metrics_for_short_chunks_and_switch(tmp_path):
     assert not any(key.startswith("eval_brier") for key in metrics)
 
 
+def test_calm_trainer_trains_the_flow_head(tmp_path):
+    torch.manual_seed(0)
+    model = CalmForCausalLM(tiny_calm_config(head_type="flow"))
+    before = model.head.output.fc2.weight.detach().clone()
+    trainer = CalmTrainer(
+        model=model, args=make_args(tmp_path, max_steps=2, logging_steps=1), train_dataset=token_blocks(16),
+        eval_dataset=token_blocks(4, seed=1), data_collator=CalmDataCollator(),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
+    assert not any("fidelity" in entry for entry in logs)  # energy-score terms only exist for the energy head
+    assert not torch.equal(before, model.head.output.fc2.weight)
+    metrics = trainer.evaluate()
+    assert "eval_brier_lm" in metrics and "eval_fidelity" not in metrics
+
+
 def with_fixed_noise(blocks: list[dict], config, seed: int = 0) -> list[dict]:
     """Give every example its own head noise [S, L-1, E] and target eps [M, L-1, Z] (the energy loss's randomness)."""
     g = torch.Generator().manual_seed(seed)
