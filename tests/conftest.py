@@ -1,5 +1,11 @@
 """Shared tiny configurations (odd sizes on purpose: hidden 32, vocab 99, K=4, Z=8)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +43,27 @@ def calm_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Prepended to scripts that must run as on a machine that never installed the package: CI installs it (editable),
+# so removing PYTHONPATH is not enough; this finder makes every `modeling_calm` import fail as if it were absent.
+_WITHOUT_PACKAGE = """
+import sys
+class _PackageAbsent:
+    def find_spec(self, name, path=None, target=None):
+        if name == "modeling_calm" or name.startswith("modeling_calm."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, _PackageAbsent())
+"""
+
+
+def run_without_package(script: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> str:
+    """Run `script` in a fresh interpreter where `modeling_calm` cannot be imported; return its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(env_extra or {})
+    code = _WITHOUT_PACKAGE + textwrap.dedent(script)
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

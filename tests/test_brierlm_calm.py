@@ -10,10 +10,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,7 +28,7 @@ from modeling_calm.brier_scoring_calm import (
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.evaluation_calm import evaluate_brier
-from tests.conftest import tiny_calm_config
+from tests.conftest import run_without_package, tiny_calm_config
 
 
 MAX_N = 4
@@ -353,11 +349,7 @@ def test_score_brier_through_remote_code(tmp_path):
         assert torch.equal(brier, torch.load({str(tmp_path / 'expected.pt')!r}))
         print("OK")
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+    assert "OK" in run_without_package(script, cwd=tmp_path, env_extra={"HF_HUB_OFFLINE": "1"})
 
 
 # ----------------------------------------------------------------------------------------------------------------

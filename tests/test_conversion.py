@@ -17,9 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,7 +29,7 @@ from conversion import calm_conversion as cc
 from conversion import converted_folder as cf
 from modeling_calm import CalmAutoencoder, CalmForCausalLM, energy_score
 from modeling_calm.brier_calm import brier_indicators, brier_scores
-from tests.conftest import tiny_calm_config
+from tests.conftest import run_without_package, tiny_calm_config
 
 
 FIXTURE = Path(os.environ.get("CALM_PARITY_FIXTURE", Path(__file__).parent / "fixtures" / "reference_tiny"))
@@ -322,11 +319,7 @@ def test_converted_folder_reproduces_the_golden_through_remote_code(converted_di
         torch.testing.assert_close(hidden, g["hidden"], atol={ATOL}, rtol={RTOL})
         print("OK", type(model).__module__)
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK transformers_modules" in result.stdout
+    assert "OK transformers_modules" in run_without_package(script, cwd=tmp_path)
 
 
 def test_output_folder_card_and_generation_config(converted_dir, model):

@@ -2,18 +2,14 @@
 and loading by repo id from a hand-built Hugging Face cache with HF_HUB_OFFLINE=1."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
 
 SHIPPED_CALM_FILES = {
     "brier_calm.py",
@@ -29,17 +25,6 @@ SHIPPED_CALM_FILES = {
 
 def _code_files(folder: Path) -> set[str]:
     return {p.name for p in folder.glob("*.py")}
-
-
-def _run_isolated(script: str, cwd: Path, env_extra: dict | None = None) -> str:
-    """Run `script` in a fresh interpreter where `modeling_calm` is not importable."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(env_extra or {})
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture
@@ -116,7 +101,7 @@ def test_remote_code_load_in_fresh_process_gives_identical_outputs(tmp_path, dty
         assert type(base).__name__ == "CalmForCausalLM"
         print("OK")
     """
-    assert "OK" in _run_isolated(script, cwd=tmp_path)
+    assert "OK" in run_without_package(script, cwd=tmp_path)
 
 
 def test_load_by_repo_id_from_hand_built_offline_cache(saved_model, tmp_path):
@@ -140,7 +125,7 @@ def test_load_by_repo_id_from_hand_built_offline_cache(saved_model, tmp_path):
         print("OK")
     """
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home")}
-    assert "OK" in _run_isolated(script, cwd=tmp_path, env_extra=env)
+    assert "OK" in run_without_package(script, cwd=tmp_path, env_extra=env)
 
 
 def test_missing_trust_remote_code_is_refused(saved_model, tmp_path):
@@ -152,4 +137,4 @@ def test_missing_trust_remote_code_is_refused(saved_model, tmp_path):
         except ValueError as error:
             print("REFUSED", error)
     """
-    assert "REFUSED" in _run_isolated(script, cwd=tmp_path)
+    assert "REFUSED" in run_without_package(script, cwd=tmp_path)

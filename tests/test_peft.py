@@ -24,8 +24,8 @@ from modeling_calm.peft_calm import (
     calm_target_modules,
     calm_targetable_modules,
 )
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
-from tests.test_hub import SHIPPED_CALM_FILES, _run_isolated
+from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
+from tests.test_hub import SHIPPED_CALM_FILES
 
 
 BATCH, TOKENS = 2, 16  # K=4: 4 chunks per row, 3 next-chunk targets per row
@@ -273,7 +273,7 @@ def test_merged_and_adapter_load_as_remote_code_in_fresh_process(lora_run, tmp_p
         assert torch.equal(hidden(adapter), f["hidden"])
         print("OK")
     """
-    assert "OK" in _run_isolated(script, cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"})
+    assert "OK" in run_without_package(script, cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"})
 
 
 # ------------------------------------------------------------------------------------------------------------------
