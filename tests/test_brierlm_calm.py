@@ -24,7 +24,6 @@ from modeling_calm.brier_scoring_calm import (
     draw_brier_noise,
     sample_brier_continuations,
     sample_brier_continuations_ref,
-    score_calm_brier,
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.evaluation_calm import evaluate_brier
