@@ -6,6 +6,7 @@ A tool, not shipped to the Hub: it may import huggingface_hub and the package.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging
 
-from modeling_calm import CalmAutoencoder, CalmConfig, CalmForCausalLM
+from modeling_calm import CalmAutoencoder, CalmForCausalLM
 
 from .calm_conversion import ConversionReport
 
@@ -25,22 +26,19 @@ logger = logging.get_logger(__name__)
 PAD_TOKEN = "[PAD]"
 
 
-def calm_generation_config(config: CalmConfig, max_new_tokens: int = 256) -> GenerationConfig:
-    """Generation defaults of a converted CALM.
-
-    CALM always samples (its head has no argmax), so `do_sample=True`; temperature 1 samples the model's own
-    distribution (the paper's BrierLM setting, and one head call per step). The authors advise temperature <= 0.5
-    for fluent text, at the cost of many candidate draws per step. `max_new_tokens` is a multiple of K.
+def calm_generation_config(model: CalmForCausalLM, max_new_tokens: int = 256) -> GenerationConfig:
+    """Generation defaults of a converted CALM: the model's own CALM settings (`calm_temperature` 1, the
+    approximate method with 200 candidates for T < 1, stop on BOS), a length that is a multiple of K, and the
+    special token ids. Temperature 1 samples the model's own distribution (the paper's BrierLM setting, one head
+    call per step); the authors advise T <= 0.5 for fluent text, at the cost of many candidate draws per step.
     """
-    k = config.patch_size
-    return GenerationConfig(
-        do_sample=True,
-        temperature=1.0,
-        max_new_tokens=max(k, max_new_tokens // k * k),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
+    k = model.config.patch_size
+    generation_config = copy.deepcopy(model.generation_config)
+    generation_config.max_new_tokens = max(k, max_new_tokens // k * k)
+    generation_config.bos_token_id = model.config.bos_token_id
+    generation_config.eos_token_id = model.config.eos_token_id
+    generation_config.pad_token_id = model.config.pad_token_id
+    return generation_config
 
 
 def prepare_tokenizer(tokenizer_dir: str | Path, vocab_size: int, pad_token_id: int | None):
@@ -194,7 +192,7 @@ def save_converted(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, CalmForCausalLM):
-        model.generation_config = calm_generation_config(model.config)
+        model.generation_config = calm_generation_config(model)
     model.save_pretrained(output_dir)
     if tokenizer_dir is not None:
         config = model.config

@@ -334,7 +334,10 @@ def test_output_folder_card_and_generation_config(converted_dir, model):
     assert 'from_pretrained("org/calm-m", trust_remote_code=True)' in card.text
     assert "check it against the authors' release" in card.text
     generation = model.generation_config
-    assert generation.do_sample and generation.max_new_tokens % model.config.patch_size == 0
+    assert generation.max_new_tokens % model.config.patch_size == 0
+    # CALM's own settings, not transformers' `temperature` (which would outrank calm_temperature forever).
+    assert generation.calm_temperature == 1.0 and generation.calm_num_candidates == 200
+    assert generation.temperature is None or "temperature" not in generation.to_diff_dict()
     assert generation.pad_token_id == model.config.pad_token_id
 
 
