@@ -1,5 +1,6 @@
 """A Hub-ready folder for a converted CALM or autoencoder: weights, config and code, generation config, tokenizer,
-model card; the reload check that closes a conversion; the upload.
+model card (built by `modeling_calm.card_calm`, like every card of the project); the reload check that closes a
+conversion; the upload.
 
 A tool, not shipped to the Hub: it may import huggingface_hub and the package.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from transformers.utils import logging
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM
+from modeling_calm.card_calm import build_autoencoder_card, build_model_card
 
 from .calm_conversion import ConversionReport
 
@@ -72,7 +73,7 @@ def prepare_tokenizer(tokenizer_dir: str | Path, vocab_size: int, pad_token_id: 
     return tokenizer
 
 
-def build_model_card(
+def conversion_card(
     model: CalmForCausalLM | CalmAutoencoder,
     report: ConversionReport,
     license: str = "mit",
@@ -80,101 +81,37 @@ def build_model_card(
     autoencoder_repo: str | None = None,
     script: str = "conversion/convert_calm_original_to_hf.py",
     repo_id: str | None = None,
+    model_name: str | None = None,
+    **card_kwargs,
 ):
-    """A model card (huggingface_hub ModelCard) for a converted folder; `repo_id` is where it will be uploaded."""
-    from huggingface_hub import ModelCard, ModelCardData
+    """The model card of a converted folder, from the package's card builders (`modeling_calm.card_calm`).
 
+    `repo_id` is where the folder will be uploaded (named in the usage snippet); `source_repo` becomes the card's
+    `base_model`; the conversion facts (script, date, dtype, tensor counts) and the licence caveat go into its
+    "Conversion" section. `card_kwargs` go to the builder (e.g. `training_data`, `tokenizer_name`, `brier_lm`).
+    """
     is_calm = isinstance(model, CalmForCausalLM)
-    config = model.config
-    ae = config.autoencoder_config if is_calm else config
-    source = source_repo or "the authors' checkpoint"
-    data = ModelCardData(
-        license=license,
-        library_name="transformers",
-        pipeline_tag="text-generation" if is_calm else "feature-extraction",
-        tags=["calm", "continuous-autoregressive", "custom_code"] + ([] if is_calm else ["autoencoder"]),
-        base_model=source_repo,
-        language="en",
+    facts = {
+        "source": source_repo,
+        "autoencoder_source": autoencoder_repo if is_calm else None,
+        "script": script,
+        "date": datetime.date.today().isoformat(),
+        "dtype": report.dtype,
+        "source_tensors": report.source_keys,
+        "mapped": report.mapped,
+        "tied": len(report.tied),
+        "dropped": {reason: len(keys) for reason, keys in report.dropped.items()},
+        "checks": "every source tensor was renamed or dropped on purpose and every shape checked; the script then "
+        "reloads the saved folder through the Auto classes and requires it to reproduce the in-memory conversion "
+        "exactly. Numerical parity of the key mapping with the authors' code is tested against golden outputs of "
+        "their implementation (tests/test_conversion.py).",
+    }
+    name = model_name or (repo_id or source_repo or ("CALM" if is_calm else "CALM-Autoencoder")).split("/")[-1]
+    build = build_model_card if is_calm else build_autoencoder_card
+    return build(
+        model, model_name=name, repo_id=repo_id or "PATH_OR_REPO_ID", license=license, base_model=source_repo,
+        conversion=facts, **card_kwargs,
     )
-    params = report.parameters
-    name = json.dumps(repo_id or "PATH_OR_REPO_ID")
-    if is_calm:
-        backbone = config.backbone_config
-        what = (
-            f"CALM (Continuous Autoregressive Language Model, Shao et al. 2025, arXiv:2510.27688) with K = "
-            f"{config.patch_size} tokens per step: a {backbone.num_hidden_layers}-layer Llama backbone of width "
-            f"{backbone.hidden_size} ({backbone.num_attention_heads} heads, {backbone.num_key_value_heads} kv heads), "
-            f"an {config.head_type} head ({config.num_mlp_layers} blocks, noise size {config.noise_size}) and the "
-            f"frozen autoencoder (latent size Z = {config.latent_size}, vocabulary {config.vocab_size})."
-        )
-        sizes = (
-            f"| parameters | count |\n|---|---|\n| CALM without the autoencoder | {params['calm']:,} |\n"
-            f"| backbone | {params['backbone']:,} |\n| input compression | {params['chunk_proj']:,} |\n"
-            f"| head | {params['head']:,} |\n| autoencoder | {params['autoencoder']:,} |\n"
-            f"| total | {params['total']:,} |"
-        )
-        usage = (
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"model = AutoModelForCausalLM.from_pretrained({name}, trust_remote_code=True)\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({name})\n"
-            "ids = tokenizer(\"The capital of France is\", return_tensors=\"pt\").input_ids\n"
-            "k = model.config.patch_size                      # the model reads whole chunks of K tokens\n"
-            "hidden = model(ids[:, : ids.shape[1] // k * k]).last_hidden_state\n"
-            "latent = model.head.sample(hidden[:, -1])        # a sample of the next chunk's latent\n"
-            "next_tokens = model.autoencoder.decode_tokens(latent[:, None])  # [B, K]\n```"
-        )
-    else:
-        what = (
-            f"The CALM autoencoder (Shao et al. 2025, arXiv:2510.27688): K = {ae.patch_size} tokens <-> one latent "
-            f"vector of size {ae.latent_size}; hidden size {ae.hidden_size}, {ae.num_encoder_layers} + "
-            f"{ae.num_decoder_layers} layers, vocabulary {ae.vocab_size}."
-        )
-        sizes = f"| parameters | count |\n|---|---|\n| total | {params['total']:,} |"
-        usage = (
-            "```python\nfrom transformers import AutoModel\n"
-            f"autoencoder = AutoModel.from_pretrained({name}, trust_remote_code=True)\n"
-            "mean, log_std = autoencoder.encode(input_ids)   # [B, T/K, Z] chunk codes\n"
-            "tokens = autoencoder.decode_tokens(mean)         # [B, T]\n```"
-        )
-    dropped = "\n".join(f"  - {reason}: {len(keys)} tensors" for reason, keys in report.dropped.items()) or "  - none"
-    ae_line = f" and {autoencoder_repo}" if autoencoder_repo else ""
-    body = f"""# {model.__class__.__name__} converted from {source}
-
-{what}
-
-Converted from {source}{ae_line} (the authors' release, trained with their code at github.com/shaochenze/calm)
-into the `modeling_calm` format: safetensors weights, one config.json (the autoencoder nested), remote code.
-
-## Usage
-
-Load with `trust_remote_code=True` (the modeling code ships with the weights):
-
-{usage}
-
-## Sizes
-
-{sizes}
-
-## Conversion
-
-- script: `{script}` (modeling_calm), date: {datetime.date.today().isoformat()}, dtype: {report.dtype}
-- source tensors: {report.source_keys}; mapped: {report.mapped}; tied (stored once): {len(report.tied)}
-- dropped on purpose:
-{dropped}
-- every source tensor was renamed or dropped on purpose, every shape checked; the saved folder was reloaded and
-  reproduces the in-memory conversion exactly. Numerical parity of the key mapping with the authors' code is
-  tested against golden outputs of their implementation (tests/test_conversion.py).
-
-## License
-
-The license field says `{license}`: **check it against the authors' release** (the original repository's
-license) before redistributing; this conversion changes the format, not the terms.
-
-## Citation
-
-Shao et al., "Continuous Autoregressive Language Models", 2025, arXiv:2510.27688.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
 def save_converted(
@@ -187,8 +124,10 @@ def save_converted(
     autoencoder_repo: str | None = None,
     script: str = "conversion/convert_calm_original_to_hf.py",
     repo_id: str | None = None,
+    **card_kwargs,
 ) -> Path:
-    """Write a Hub-ready folder: safetensors, config (+ code, auto_map), generation config, tokenizer, README.md."""
+    """Write a Hub-ready folder: safetensors, config (+ code, auto_map), generation config, tokenizer, README.md (the
+    card of `conversion_card`; `card_kwargs` go to it)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, CalmForCausalLM):
@@ -196,8 +135,10 @@ def save_converted(
     model.save_pretrained(output_dir)
     if tokenizer_dir is not None:
         config = model.config
-        prepare_tokenizer(tokenizer_dir, config.vocab_size, config.pad_token_id).save_pretrained(output_dir)
-    card = build_model_card(model, report, license, source_repo, autoencoder_repo, script, repo_id)
+        tokenizer = prepare_tokenizer(tokenizer_dir, config.vocab_size, config.pad_token_id)
+        tokenizer.save_pretrained(output_dir)
+        card_kwargs.setdefault("tokenizer_name", f"the one saved with this model ({len(tokenizer):,} tokens)")
+    card = conversion_card(model, report, license, source_repo, autoencoder_repo, script, repo_id, **card_kwargs)
     card.save(str(output_dir / "README.md"))
     return output_dir
 

@@ -12,8 +12,13 @@ The paper's autoencoder (Llama-3 tokenizer + [PAD], 30k steps x 512k tokens, bf1
         --validation_file wikitext103_test_documents.jsonl --output_dir runs/autoencoder
 
 The output folder (and every checkpoint-N/ in it) holds a Hub-ready model with its code and the tokenizer: the
-`--autoencoder` of examples/train_calm.py. Flags: the three dataclasses below and every `TrainingArguments` flag;
-`--recipe` (configuration/training/*.json) sets defaults that command-line flags override.
+`--autoencoder` of examples/train_calm.py. Its README.md is a model card (modeling_calm.card_calm) with the final
+evaluation (token accuracy, also under latent noise) in its model-index. Elsewhere, it loads with
+    AutoModel.from_pretrained(folder, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)   # it reads config.json, whose class is remote code
+
+Flags: the three dataclasses below and every `TrainingArguments` flag; `--recipe` (configuration/training/*.json)
+sets defaults that command-line flags override.
 """
 
 import argparse
@@ -26,6 +31,7 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmAutoencoderTrainer
+from modeling_calm.card_calm import accuracy_from_trainer_metrics, build_autoencoder_card, source_names
 from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, tokenize_and_pack
 
 
@@ -133,14 +139,29 @@ def main():
         print(f"autoencoder: {model.num_parameters() / 1e6:.1f}M parameters, K={config.patch_size}, "
               f"Z={config.latent_size}; {training_args.world_size} process(es)")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
+    metrics = {}
     if evaluation is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():  # the card before save_model, which (with --push_to_hub) uploads it
+        repo = training_args.hub_model_id or training_args.output_dir
+        eval_data = dict(dataset=", ".join(source_names(data_args.validation_file or data_args.train_file)),
+                         split="validation" if data_args.validation_file else "held-out blocks")
+        accuracy, robustness = accuracy_from_trainer_metrics(metrics, **eval_data)
+        card = build_autoencoder_card(
+            config, model_name=Path(repo).name, repo_id=repo, accuracy=accuracy, noise_robustness=robustness,
+            training_data=source_names(data_args.train_file),
+            tokenizer_name=f"{source_names(model_args.tokenizer)[0]} ({len(tokenizer):,} tokens; saved with it)",
+            extra_sections={"Training procedure": f"{result.global_step} steps of examples/train_autoencoder.py on "
+                            f"blocks of {data_args.block_size} tokens; final training loss "
+                            f"{result.training_loss:.4f}."},
+        )
+        card.save(str(Path(training_args.output_dir) / "README.md"))
+    trainer.save_model()
 
 
 if __name__ == "__main__":

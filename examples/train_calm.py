@@ -12,8 +12,11 @@ CALM-M as in the paper (250k steps x 2M tokens, blocks of 8192 tokens, bf16) on 
 (CALM-L/XL: `accelerate launch --config_file configuration/accelerate/fsdp.yaml examples/train_calm.py ...` or
 `--deepspeed configuration/deepspeed/zero2.json`; see configuration/README.md.)
 
-Evaluation reports eval_loss, eval_fidelity, eval_diversity, eval_brier_1..4 and eval_brier_lm. The output folder
-and every checkpoint-N/ load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
+Evaluation reports eval_loss, eval_fidelity, eval_diversity, eval_brier_1..4 and eval_brier_lm (a quick estimate:
+one seed; examples/evaluate_brierlm.py gives the full figure). The output folder and every checkpoint-N/ load with
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(path, trust_remote_code=True)   # it reads config.json, whose class is remote code
+and the folder's README.md is a model card (modeling_calm.card_calm) with that BrierLM in its model-index.
 """
 
 import argparse
@@ -26,6 +29,7 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
+from modeling_calm.card_calm import brier_from_trainer_metrics, build_model_card, source_names
 from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, tokenize_and_pack
 
 
@@ -91,8 +95,9 @@ def parse_overrides(text: str | None) -> dict:
 def main():
     model_args, data_args, training_args = parse_args()
 
-    autoencoder = CalmAutoencoder.from_pretrained(model_args.autoencoder)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.autoencoder)
+    ae_path = model_args.autoencoder
+    autoencoder = CalmAutoencoder.from_pretrained(ae_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or ae_path)
     if len(tokenizer) != autoencoder.config.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, the autoencoder {autoencoder.config.vocab_size}.")
     path = Path(model_args.preset)
@@ -135,14 +140,30 @@ def main():
         print(f"CALM: {trainable / 1e6:.1f}M trainable parameters (autoencoder frozen), K={k}, "
               f"{model.config.head_type} head, blocks of {block_size} tokens; {training_args.world_size} process(es)")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
+    metrics = {}
     if evaluation is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():  # the card before save_model, which (with --push_to_hub) uploads it
+        repo = training_args.hub_model_id or training_args.output_dir
+        ae_name, tokenizer_name = source_names([ae_path, model_args.tokenizer or ae_path])
+        eval_data = dict(dataset=", ".join(source_names(data_args.validation_file or data_args.train_file)),
+                         split="validation" if data_args.validation_file else "held-out blocks")
+        card = build_model_card(  # from the config: parameters counted on the meta device, whatever the sharding
+            model.config, model_name=Path(repo).name, repo_id=repo, training_data=source_names(data_args.train_file),
+            brier_lm=brier_from_trainer_metrics(metrics, **eval_data, block_size=block_size),
+            tokenizer_name=f"{tokenizer_name} ({len(tokenizer):,} tokens; saved with it)",
+            base_model=ae_name if "/" in ae_name else None,  # a Hub id, not a local folder
+            extra_sections={"Training procedure": f"{result.global_step} steps of examples/train_calm.py on the frozen "
+                            f"autoencoder {ae_name}, blocks of {block_size} tokens; final training loss "
+                            f"{result.training_loss:.4f}."},
+        )
+        card.save(str(Path(training_args.output_dir) / "README.md"))
+    trainer.save_model()
 
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ def _brier_info(brier_lm) -> dict[str, Any]:
 
 
 def _brier_results(info: Mapping[str, Any]) -> list[EvalResult]:
-    common = dict(task_type="text-generation", task_name="Language modeling (BrierLM)", **_dataset(info, "BrierLM"))
+    common = dict(task_type="text-generation", task_name="Language modeling (BrierLM)",
+                  metric_config=info.get("metric_config"), **_dataset(info, "BrierLM"))
     results = [EvalResult(metric_type="brier_lm", metric_name="BrierLM", metric_value=info["brier_lm"], **common)]
     for key in BRIER_KEYS:
         if info.get(key) is not None:
@@ -174,7 +175,7 @@ def _accuracy_info(accuracy, name: str) -> dict[str, Any]:
     return info
 
 
-def _accuracy_results(info: Mapping[str, Any]) -> list[EvalResult]:
+def _accuracy_results(info: Mapping[str, Any], robustness: Mapping[float, float] | None = None) -> list[EvalResult]:
     # A separate model-index result (task "feature-extraction"), so BrierLM and the autoencoder do not mix.
     common = dict(
         task_type="feature-extraction", task_name="Chunk reconstruction (autoencoder)", metric_type="accuracy",
@@ -187,6 +188,9 @@ def _accuracy_results(info: Mapping[str, Any]) -> list[EvalResult]:
     if info.get("mean") is not None:
         results.append(EvalResult(metric_name="Token accuracy (z = mean)", metric_config="latent_mean",
                                   metric_value=info["mean"], **common))
+    for sigma, accuracy in sorted((robustness or {}).items()):
+        results.append(EvalResult(metric_name=f"Token accuracy (z + noise of std {sigma:g})",
+                                  metric_config=f"latent_noise_{sigma:g}", metric_value=accuracy, **common))
     return results
 
 
@@ -199,6 +203,7 @@ def _brier_section(info: Mapping[str, Any]) -> str:
     return (
         f"BrierLM on {where}{extra}. Brier-n is the mean two-sample Brier estimate of the next n tokens; BrierLM "
         "= 100 x their geometric mean (higher is better).\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
+        + _note(info)
     )
 
 
@@ -211,9 +216,72 @@ def _accuracy_rows(info: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+def _note(info: Mapping[str, Any]) -> str:
+    return f"\n\n{info['note'].strip()}" if info.get("note") else ""
+
+
 def _dataset_text(info: Mapping[str, Any]) -> str:
     name = info.get("dataset_name") or info.get("dataset") or "an unspecified evaluation text"
     return name + (f" ({info['split']})" if info.get("split") else "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From a training run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def source_names(sources: Sequence[str] | str | None) -> list[str]:
+    """How data, tokenizers and models a run started from are named on a card: Hub ids as given, local files, folders
+    and globs by their base name (a path on the training machine means nothing to a reader of the card)."""
+    if isinstance(sources, str):
+        sources = [sources]
+    return [name if _is_hub_id(name) else os.path.basename(os.path.normpath(name)) for name in sources or ()]
+
+
+def brier_from_trainer_metrics(
+    metrics: Mapping[str, float], *, dataset: str | None, split: str | None = None, block_size: int | None = None,
+    dataset_name: str | None = None,
+) -> dict[str, Any] | None:
+    """The `brier_lm` argument of `build_model_card` from the metrics of `CalmTrainer.evaluate()`.
+
+    The Trainer's figure is a quick estimate: one sampling seed, two head samples at each chunk boundary of the
+    evaluation forward, on the training blocks. The card says so and points to `examples/evaluate_brierlm.py`
+    for the full figure; the model-index entries get the metric configuration "trainer_eval".
+
+    Returns:
+        A dict for `brier_lm`, or None when the metrics hold no `eval_brier_lm` (K < 4, or `eval_brier=False`).
+    """
+    if metrics.get("eval_brier_lm") is None:
+        return None
+    blocks = f", blocks of {block_size} tokens" if block_size else ""
+    return {
+        "brier_lm": metrics["eval_brier_lm"],
+        **{key: metrics[f"eval_{key}"] for key in BRIER_KEYS if metrics.get(f"eval_{key}") is not None},
+        "dataset": dataset, "dataset_name": dataset_name, "split": split, "metric_config": "trainer_eval",
+        "note": (
+            "**A quick estimate**, from the Trainer's final evaluation: one sampling seed, two head samples at each "
+            f"chunk boundary of the evaluation forward{blocks}. For the full figure (several seeds and their "
+            "spread, the paper's 1024-token blocks) run `python examples/evaluate_brierlm.py --model <this "
+            "model> --eval_file <text> --block_size 1024 --seeds 0 1 2`."
+        ),
+    }
+
+
+def accuracy_from_trainer_metrics(
+    metrics: Mapping[str, float], *, dataset: str | None, split: str | None = None, dataset_name: str | None = None,
+) -> tuple[dict[str, Any] | None, dict[float, float]]:
+    """The `accuracy` and `noise_robustness` arguments of `build_autoencoder_card` from the metrics of
+    `CalmAutoencoderTrainer.evaluate()` (`eval_accuracy`, z sampled from the posterior, and
+    `eval_accuracy_noise_{sigma}`)."""
+    prefix = "eval_accuracy_noise_"
+    robustness = {float(key[len(prefix):]): value for key, value in metrics.items() if key.startswith(prefix)}
+    if metrics.get("eval_accuracy") is None:
+        return None, robustness
+    accuracy = {
+        "sampled": metrics["eval_accuracy"], "dataset": dataset, "dataset_name": dataset_name, "split": split,
+        "note": "From the Trainer's final evaluation (eval mode: no dropout, z sampled from the posterior).",
+    }
+    return accuracy, robustness
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,8 +312,53 @@ def _sections(sections: list[str]) -> str:
     return "\n\n".join(sections) or "No evaluation reported."
 
 
-def _conversion(conversion: str | None) -> str:
-    return f"\n## Conversion\n\n{conversion.strip()}\n" if conversion else ""
+_CONVERSION_KEYS = {"source", "autoencoder_source", "script", "date", "dtype", "source_tensors", "mapped", "tied",
+                    "dropped", "checks"}
+
+
+def _conversion_text(conversion: Mapping[str, Any]) -> str:
+    """The facts of a conversion (see `build_model_card`'s `conversion`) as markdown."""
+    unknown = set(conversion) - _CONVERSION_KEYS
+    if unknown:
+        raise ValueError(f"`conversion` has unknown keys {sorted(unknown)}; known: {sorted(_CONVERSION_KEYS)}.")
+    source = conversion.get("source") or "the authors' checkpoint"
+    also = f" and {conversion['autoencoder_source']}" if conversion.get("autoencoder_source") else ""
+    lines = [
+        f"Converted from {source}{also} (the authors' release, trained with their code at "
+        "github.com/shaochenze/calm) into this package's format: safetensors weights, one config.json (the "
+        "autoencoder nested) and the remote code.",
+        "",
+    ]
+    run = [f"script: `{conversion['script']}`" if conversion.get("script") else None,
+           f"date: {conversion['date']}" if conversion.get("date") else None,
+           f"dtype: {conversion['dtype']}" if conversion.get("dtype") else None]
+    if any(run):
+        lines.append("- " + ", ".join(item for item in run if item))
+    counts = [f"{label}: {conversion[key]:,}" for key, label in
+              (("source_tensors", "source tensors"), ("mapped", "mapped"), ("tied", "tied (stored once)"))
+              if conversion.get(key) is not None]
+    if counts:
+        lines.append("- " + "; ".join(counts))
+    if conversion.get("dropped") is not None:
+        dropped = conversion["dropped"] or {"none": 0}
+        lines.append("- dropped on purpose:")
+        lines.extend(f"  - {reason}: {count} tensor{'s' * (count != 1)}" if count else f"  - {reason}"
+                     for reason, count in dropped.items())
+    if conversion.get("checks"):
+        lines.append("- " + conversion["checks"].strip())
+    return "\n".join(lines)
+
+
+def _conversion(conversion: str | Mapping[str, Any] | None, license: str) -> str:
+    if not conversion:
+        return ""
+    text = conversion.strip() if isinstance(conversion, str) else _conversion_text(conversion)
+    # A converted checkpoint keeps its authors' terms, whatever the `license` field of this card says.
+    caveat = (
+        f"**Licence.** The `license` field says `{license}`: check it against the authors' release (the licence of "
+        "the original repository) before redistributing; a conversion changes the format, not the terms."
+    )
+    return f"\n## Conversion\n\n{text}\n\n{caveat}\n"
 
 
 def _card(data: ModelCardData, body: str) -> ModelCard:
@@ -265,7 +378,7 @@ def build_model_card(
     tokenizer_license: str | None = None,
     license: str = "apache-2.0",
     base_model: str | list[str] | None = None,
-    conversion: str | None = None,
+    conversion: str | Mapping[str, Any] | None = None,
     extra_sections: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     language: str | list[str] | None = "en",
     tags: Sequence[str] | None = None,
@@ -279,14 +392,19 @@ def build_model_card(
         brier_lm: BrierLM as a number, or a dict with `brier_lm` and optionally `brier_1`..`brier_4`, `std`,
             `num_seeds`, `num_positions`, and the dataset: `dataset` (Hub id), `dataset_name`, `split`. The result
             of `evaluation_calm.evaluate_brier` (with "mean"/"std"/"seeds") is read as well: pass
-            `{**evaluate_brier(...), "dataset": "wikitext", "split": "test"}`.
+            `{**evaluate_brier(...), "dataset": "wikitext", "split": "test"}`. Optional `note` (markdown shown
+            under the table, e.g. how the figure was measured) and `metric_config` (the model-index entries' metric
+            configuration, e.g. "trainer_eval"); `brier_from_trainer_metrics` builds it from `CalmTrainer` metrics.
         autoencoder_accuracy: token accuracy of the autoencoder in [0, 1]: a number (z sampled) or a dict with
             `sampled` and/or `mean` (and dataset keys as above). A separate model-index result.
         training_data: dataset ids or names; those that look like Hub ids go into the `datasets` metadata.
         tokenizer_name, tokenizer_license: shown in the card (e.g. a Llama-3 tokenizer and its licence).
         license: the licence of the weights (metadata `license`).
         base_model: metadata `base_model` (e.g. the autoencoder's repo, or the original of a conversion).
-        conversion: text for converted checkpoints (what was converted from where, and the numeric check).
+        conversion: for converted checkpoints, a "Conversion" section: markdown text, or the facts as a dict with
+            any of `source`, `autoencoder_source` (Hub ids), `script`, `date`, `dtype`, `source_tensors`, `mapped`,
+            `tied` (counts), `dropped` (`{reason: count}`) and `checks` (a sentence on what was verified). Either
+            way the section ends by asking the reader to check `license` against the authors' release.
         extra_sections: `{title: markdown}` appended before the citation.
         language, tags: metadata; CALM's tags are always added.
 
@@ -321,6 +439,8 @@ def build_model_card(
         f"| context | {backbone.max_position_embeddings} steps = {backbone.max_position_embeddings * k} tokens |",
         f"| vocabulary | {config.vocab_size} |",
         f"| parameters without the autoencoder | {_millions(counts['without_autoencoder'])} |",
+        f"| of which backbone / input compression / head | {_millions(counts['backbone'])} / "
+        f"{_millions(counts['compression'])} / {_millions(counts['head'])} |",
         f"| parameters of the frozen autoencoder | {_millions(counts['autoencoder'])} |",
         f"| parameters in total | {_millions(counts['total'])} |",
     ])
@@ -338,7 +458,7 @@ A **Continuous Autoregressive Language Model** (CALM, [Shao et al., 2025]({CALM_
 compresses every chunk of K = {k} tokens into one continuous vector of size {config.latent_size}; a Transformer
 predicts the next vector with a likelihood-free generative head ({config.head_type}), and the autoencoder decodes
 it back into K tokens. Generation therefore takes one step per {k} tokens.
-{_conversion(conversion)}
+{_conversion(conversion, license)}
 ## Model details
 
 {details}
@@ -351,19 +471,22 @@ it back into K tokens. Generation therefore takes one step per {k} tokens.
 
 ## How to use
 
-The modeling code lives in this repository, so loading needs `trust_remote_code=True`:
+The modeling code lives in this repository, so loading needs `trust_remote_code=True`, for the tokenizer too
+(`AutoTokenizer` reads this repository's config.json, whose class is remote code, and would otherwise ask):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-inputs = tokenizer("The history of the city begins", return_tensors="pt")
-output = model.generate(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=64,
-                        temperature={FLUENT_TEMPERATURE}, sampling_method="approximate",
-                        num_candidates={FLUENT_NUM_CANDIDATES})
+text = "The history of the city begins"
+output = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=64, temperature={FLUENT_TEMPERATURE},
+                        num_candidates={FLUENT_NUM_CANDIDATES}, seed=0)
 print(tokenizer.decode(output[0], skip_special_tokens=True))
 ```
+
+`generate` produces K = {k} tokens per step; each step samples the next latent with the head and decodes it with
+the autoencoder.
 
 ## Intended use and limitations
 
@@ -377,7 +500,8 @@ print(tokenizer.decode(output[0], skip_special_tokens=True))
 - Outputs are not factual and may be biased or offensive like the training text; do not use them as facts or
   for decisions about people.
 - The autoencoder is frozen and part of the checkpoint; fine-tuning (e.g. LoRA) adapts the backbone, its input
-  compression and the head only. Prompts are read in whole chunks of K tokens.{_extra(extra_sections)}
+  compression and the head only. Text is read in chunks of K tokens: a prompt whose length is not a multiple of K
+  starts with a partial chunk, completed on the left with BOS.{_extra(extra_sections)}
 
 ## Citation
 
@@ -400,7 +524,7 @@ def build_autoencoder_card(
     tokenizer_license: str | None = None,
     license: str = "apache-2.0",
     base_model: str | list[str] | None = None,
-    conversion: str | None = None,
+    conversion: str | Mapping[str, Any] | None = None,
     extra_sections: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     language: str | list[str] | None = "en",
     tags: Sequence[str] | None = None,
@@ -411,7 +535,9 @@ def build_autoencoder_card(
         accuracy: token accuracy in [0, 1]: a number (z sampled from the posterior) or a dict with `sampled`
             and/or `mean` (z = posterior mean) and the dataset keys `dataset`, `dataset_name`, `split`.
         noise_robustness: `{sigma: accuracy}`: accuracy when Gaussian noise of std sigma is added to z (the
-            robustness the language model's head relies on), shown as a table.
+            robustness the language model's head relies on), shown as a table and in the model-index (metric
+            configuration `latent_noise_{sigma}`, on the dataset of `accuracy`).
+            `accuracy_from_trainer_metrics` builds both from `CalmAutoencoderTrainer` metrics.
         Other arguments: as for `build_model_card`.
 
     Returns:
@@ -433,7 +559,7 @@ def build_autoencoder_card(
     }
     repo, k = repo_id or model_name, config.patch_size
     data_text, dataset_ids = _data_and_tokenizer(training_data, tokenizer_name, tokenizer_license)
-    eval_results = _accuracy_results(info) if info else []
+    eval_results = _accuracy_results(info, robustness) if info or robustness else []
     data = ModelCardData(
         model_name=model_name, license=license, language=language, library_name="transformers",
         pipeline_tag="feature-extraction", tags=list(dict.fromkeys([*CALM_TAGS, "autoencoder", *(tags or [])])),
@@ -441,7 +567,8 @@ def build_autoencoder_card(
     )
     evaluation = []
     if info:
-        evaluation.append(f"On {_dataset_text(info)}:\n\n| | |\n|---|---|\n" + "\n".join(_accuracy_rows(info)))
+        evaluation.append(f"On {_dataset_text(info)}:\n\n| | |\n|---|---|\n" + "\n".join(_accuracy_rows(info))
+                          + _note(info))
     if robustness:
         rows = "\n".join(f"| {sigma:g} | {100 * acc:.3f} % |" for sigma, acc in sorted(robustness.items()))
         evaluation.append(f"Robustness: token accuracy with Gaussian noise of std sigma added to z.\n\n"
@@ -452,7 +579,7 @@ The chunk autoencoder of a **Continuous Autoregressive Language Model** (CALM, [
 it maps every chunk of K = {k} tokens to one latent vector of size {config.latent_size} and back, context-free.
 Its latent space is trained to be robust (variational, with KL clipping and dropout), so a language model can
 predict it. A CALM nests it, frozen, in its own checkpoint.
-{_conversion(conversion)}
+{_conversion(conversion, license)}
 ## Model details
 
 | | |
@@ -472,10 +599,13 @@ predict it. A CALM nests it, frozen, in its own checkpoint.
 
 ## How to use
 
+`trust_remote_code=True` on the tokenizer too: `AutoTokenizer` reads this repository's config.json, whose class
+is remote code.
+
 ```python
 from transformers import AutoModel, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
 autoencoder = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
 ids = tokenizer("Each chunk of K tokens becomes one vector.", return_tensors="pt").input_ids
 ids = ids[:, : ids.shape[1] // {k} * {k}]                 # whole chunks of K = {k} tokens

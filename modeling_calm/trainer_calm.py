@@ -17,6 +17,9 @@ the remote code, resuming) is the Trainer's own. Each override says why it exist
 - `compute_loss`: records the extra terms of every training micro-batch (detached, on device: no host sync).
 - `log`: adds their means over the logging window (every micro-batch since the last log, all processes) to the
   training log, beside the Trainer's own window-mean `loss`.
+- `create_model_card`: `Trainer.push_to_hub` (also reached from `save_model` with `--push_to_hub`) writes the
+  Trainer's generic draft over README.md; a CALM card (`modeling_calm.card_calm`, with the BrierLM / accuracy
+  model-index) already in `output_dir` is kept instead.
 - `prediction_step`: one evaluation forward per batch, returned as one row of weighted statistics per example
   (weight = the example's number of scored targets). The Trainer then gathers the rows across processes and drops
   the duplicated examples of a distributed evaluation exactly as it does for `eval_loss`; the default
@@ -26,14 +29,17 @@ the remote code, resuming) is the Trainer's own. Each override says why it exist
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from huggingface_hub import ModelCard
 from transformers import EvalPrediction, Trainer
 from transformers.utils import logging
 
 from .brier_calm import BRIER_LM_MAX_N, brier_lm
+from .card_calm import CALM_TAGS
 
 
 logger = logging.get_logger(__name__)
@@ -86,6 +92,14 @@ class _CalmStatsTrainer(Trainer):
                     logs[name] = float(stats[0, j] / stats[1, j])
             self._window = {}
         super().log(logs, *args, **kwargs)
+
+    # -- model card --------------------------------------------------------------------------------------------
+    def create_model_card(self, *args, **kwargs) -> None:
+        path = os.path.join(self.args.output_dir, "README.md")
+        if os.path.isfile(path) and CALM_TAGS[0] in (ModelCard.load(path).data.tags or []):
+            logger.info(f"Keeping the CALM model card {path} (not replaced by the Trainer's draft).")
+            return
+        super().create_model_card(*args, **kwargs)
 
     # -- evaluation --------------------------------------------------------------------------------------------
     @property

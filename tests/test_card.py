@@ -20,10 +20,13 @@ from safetensors.torch import load
 from modeling_calm import CalmAutoencoder, CalmConfig, CalmForCausalLM
 from modeling_calm.card_calm import (
     CALM_BIBTEX,
+    accuracy_from_trainer_metrics,
+    brier_from_trainer_metrics,
     build_autoencoder_card,
     build_model_card,
     calm_parameter_counts,
     push_calm_to_hub,
+    source_names,
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.peft_calm import calm_lora_config
@@ -120,7 +123,54 @@ def test_model_card_conversion_and_extra_sections():
     )
     text = str(card)
     assert "## Conversion\n\nConverted from org/original; max |diff| 2e-6." in text
+    assert "The `license` field says `apache-2.0`: check it against the authors' release" in text
     assert text.index("## Training procedure") < text.index("## Citation")
+    assert "check it against" not in str(build_model_card(tiny_calm_config(), model_name="m"))  # not converted
+
+
+def test_conversion_facts_render_in_both_cards():
+    facts = {"source": "org/CALM-M", "autoencoder_source": "org/CALM-AE", "script": "conversion/x.py",
+             "date": "2025-01-02", "dtype": "bfloat16", "source_tensors": 1234, "mapped": 1200, "tied": 1,
+             "dropped": {"second copy of the head": 33, "unused": 1}, "checks": "Reloaded and compared exactly."}
+    text = str(build_model_card(tiny_calm_config(), model_name="m", conversion=facts, license="other",
+                                base_model="org/CALM-M"))
+    assert "Converted from org/CALM-M and org/CALM-AE (the authors' release" in text
+    assert "- script: `conversion/x.py`, date: 2025-01-02, dtype: bfloat16" in text
+    assert "- source tensors: 1,234; mapped: 1,200; tied (stored once): 1" in text
+    assert "  - second copy of the head: 33 tensors\n  - unused: 1 tensor\n" in text
+    assert "- Reloaded and compared exactly." in text and "The `license` field says `other`" in text
+    assert ModelCard(text).data.base_model == "org/CALM-M"
+    ae_text = str(build_autoencoder_card(tiny_autoencoder_config(), model_name="a", conversion={"source": "org/AE"}))
+    assert "## Conversion\n\nConverted from org/AE (the authors' release" in ae_text
+    with pytest.raises(ValueError, match="sourse"):
+        build_model_card(tiny_calm_config(), model_name="m", conversion={"sourse": "org/CALM-M"})
+
+
+def test_cards_from_trainer_metrics_say_what_was_measured(tmp_path):
+    metrics = {"eval_loss": 1.0, "eval_brier_1": 0.5, "eval_brier_2": 0.25, "eval_brier_3": 0.125,
+               "eval_brier_4": 0.0625, "eval_brier_lm": 17.68}
+    brier = brier_from_trainer_metrics(metrics, dataset="valid.jsonl", split="validation", block_size=256)
+    card = build_model_card(tiny_calm_config(), model_name="m", brier_lm=brier)
+    assert _metrics(card) == {("text-generation", key, "trainer_eval"): metrics[f"eval_{key}"]
+                              for key in ("brier_lm", "brier_1", "brier_2", "brier_3", "brier_4")}
+    assert "A quick estimate" in str(card) and "blocks of 256 tokens" in str(card)
+    assert "examples/evaluate_brierlm.py" in str(card) and "valid.jsonl (validation)" in str(card)
+    assert brier_from_trainer_metrics({"eval_brier_1": 0.5}, dataset="d") is None  # K < 4: no BrierLM
+
+    accuracy, robustness = accuracy_from_trainer_metrics(
+        {"eval_accuracy": 0.9, "eval_accuracy_noise_0.3": 0.8, "eval_accuracy_noise_1": 0.5, "eval_kl": 3.0},
+        dataset="valid.jsonl",
+    )
+    assert robustness == {0.3: 0.8, 1.0: 0.5}
+    card = build_autoencoder_card(tiny_autoencoder_config(), model_name="a", accuracy=accuracy,
+                                  noise_robustness=robustness)
+    assert _metrics(card) == {("feature-extraction", "accuracy", "latent_sample"): 0.9,
+                              ("feature-extraction", "accuracy", "latent_noise_0.3"): 0.8,
+                              ("feature-extraction", "accuracy", "latent_noise_1"): 0.5}
+    local = tmp_path / "train.jsonl"
+    local.write_text("{}")
+    assert source_names([str(local), "data/*.jsonl", "monology/pile-uncopyrighted", str(tmp_path) + "/"]) == [
+        "train.jsonl", "*.jsonl", "monology/pile-uncopyrighted", tmp_path.name]
 
 
 def test_card_builders_reject_bad_input():
@@ -151,9 +201,14 @@ def test_autoencoder_card():
     data = ModelCard(str(card)).data
     assert data.model_name == "calm-ae-tiny" and data.pipeline_tag == "feature-extraction"
     assert _metrics(card) == {("feature-extraction", "accuracy", "latent_sample"): 0.998,
-                              ("feature-extraction", "accuracy", "latent_mean"): 0.9995}
+                              ("feature-extraction", "accuracy", "latent_mean"): 0.9995,
+                              ("feature-extraction", "accuracy", "latent_noise_0"): 0.9995,
+                              ("feature-extraction", "accuracy", "latent_noise_0.3"): 0.998,
+                              ("feature-extraction", "accuracy", "latent_noise_1"): 0.71}
+    assert {r.dataset_split for r in data.eval_results} == {"validation"}  # the noisy ones on accuracy's dataset
     text = str(card)
     assert 'AutoModel.from_pretrained("calm-org/calm-ae-tiny", trust_remote_code=True)' in text
+    assert 'AutoTokenizer.from_pretrained("calm-org/calm-ae-tiny", trust_remote_code=True)' in text
     assert "| 0.3 | 99.800 % |" in text and "| 1 | 71.000 % |" in text
     assert "| K (tokens per chunk, `patch_size`) | 4 |" in text
     assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in text

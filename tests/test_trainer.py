@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
@@ -247,6 +248,24 @@ def test_autoencoder_trainer_reports_accuracy_noisy_accuracy_and_kl(tmp_path):
     assert metrics["eval_kl"] == pytest.approx(kl, rel=1e-5)
 
 
+def test_push_to_hub_keeps_a_calm_card_in_the_output_folder(tmp_path):
+    """`Trainer.push_to_hub` (hence `save_model` with push_to_hub) calls `create_model_card`, which writes the
+    Trainer's draft over README.md: a CALM card must survive it, any other README.md is still replaced."""
+    from modeling_calm.card_calm import build_autoencoder_card
+
+    model = CalmAutoencoder(tiny_autoencoder_config())
+    trainer = CalmAutoencoderTrainer(model=model, args=make_args(tmp_path), train_dataset=token_blocks(4),
+                                     data_collator=CalmDataCollator())
+    readme = Path(trainer.args.output_dir) / "README.md"
+    card = build_autoencoder_card(model, model_name="ae", accuracy={"sampled": 0.5, "dataset": "d"})
+    card.save(str(readme))
+    trainer.create_model_card(model_name="ae")
+    assert readme.read_text() == str(card)
+    readme.write_text("---\nlicense: mit\n---\n\nsome other card\n")
+    trainer.create_model_card(model_name="ae")
+    assert "some other card" not in readme.read_text() and "generated_from_trainer" in readme.read_text()
+
+
 def test_autoencoder_trainer_rejects_bad_noise_levels(tmp_path):
     with pytest.raises(ValueError, match="latent_noise_stds"):
         CalmAutoencoderTrainer(
@@ -394,10 +413,27 @@ def test_examples_train_an_autoencoder_then_a_calm_on_it(corpus_and_tokenizer):
     metrics = json.loads((ae_dir / "eval_results.json").read_text())
     assert {"eval_accuracy", "eval_accuracy_noise_0.3", "eval_kl"} <= set(metrics)
     assert (ae_dir / "tokenizer.json").exists()
+    # The model card: the final evaluation in the model-index, on the held-out blocks of the training file.
+    card = ModelCard.load(ae_dir / "README.md")
+    results = {r.metric_config: r for r in card.data.eval_results}
+    assert results["latent_sample"].metric_value == metrics["eval_accuracy"]
+    assert results["latent_noise_0.3"].metric_value == metrics["eval_accuracy_noise_0.3"]
+    assert {r.dataset_type for r in results.values()} == {"corpus.jsonl"}
+    assert card.data.pipeline_tag == "feature-extraction" and "corpus.jsonl" in card.text
+    assert "| K (tokens per chunk, `patch_size`) | 4 |" in card.text and "3 steps" in card.text
 
     run_example("train_calm", common + ["--autoencoder", str(ae_dir), "--output_dir", str(calm_dir)], folder)
     metrics = json.loads((calm_dir / "eval_results.json").read_text())
     assert {"eval_loss", "eval_fidelity", "eval_diversity", "eval_brier_4", "eval_brier_lm"} <= set(metrics)
+    card = ModelCard.load(calm_dir / "README.md")
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"brier_lm", "brier_1", "brier_2", "brier_3", "brier_4"}
+    for name, result in results.items():
+        assert result.metric_value == metrics[f"eval_{name}"] and result.metric_config == "trainer_eval"
+        assert result.dataset_type == "corpus.jsonl"
+    assert "quick estimate" in card.text and "examples/evaluate_brierlm.py" in card.text
+    assert f'from_pretrained("{calm_dir}", trust_remote_code=True)' in card.text
+    assert card.data.model_name == "calm" and "| K (tokens per step, `patch_size`) | 4 |" in card.text
     assert SHIPPED_CALM_FILES <= {p.name for p in (calm_dir / "checkpoint-3").glob("*.py")}
     model = AutoModelForCausalLM.from_pretrained(calm_dir, trust_remote_code=True)
     autoencoder = CalmAutoencoder.from_pretrained(ae_dir)
