@@ -59,11 +59,14 @@ sys.meta_path.insert(0, _PackageAbsent())
 
 
 def run_without_package(script: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> str:
-    """Run `script` in a fresh interpreter where `modeling_calm` cannot be imported; return its stdout."""
+    """Run `script` in a fresh interpreter where `modeling_calm` cannot be imported; return its stdout.
+
+    stdin is closed (empty), so an interactive prompt (transformers' "[y/N]" for remote code) fails at once instead
+    of waiting for a terminal."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(env_extra or {})
     code = _WITHOUT_PACKAGE + textwrap.dedent(script)
     result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -30,7 +30,7 @@ from modeling_calm.card_calm import (
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.peft_calm import calm_lora_config
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
 from tests.test_hub import SHIPPED_CALM_FILES
 
 
@@ -212,6 +212,54 @@ def test_autoencoder_card():
     assert "| 0.3 | 99.800 % |" in text and "| 1 | 71.000 % |" in text
     assert "| K (tokens per chunk, `patch_size`) | 4 |" in text
     assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The card's snippet, where the package cannot be imported
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calm_folder_with_card(tmp_path_factory):
+    """A saved tiny CALM with a word-level tokenizer that fits its 99-token vocabulary, and its card."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the history of city begins a an in on".split()
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *words])}  # pad 0, bos 1, eos 2
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    folder = tmp_path_factory.mktemp("calm") / "calm-tiny"
+    model = CalmForCausalLM(tiny_calm_config())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    card = build_model_card(model, model_name="calm-tiny", repo_id=str(folder))
+    card.save(folder / "README.md")
+    return folder, str(card)
+
+
+# Everything the child writes to stderr (warnings, the prompt) is read from stdout.
+_STDERR_TO_STDOUT = "import os, sys\nsys.stdout.flush()\nos.dup2(1, 2)\n"
+
+
+def test_card_snippet_loads_the_tokenizer_without_a_remote_code_prompt(calm_folder_with_card, tmp_path):
+    """AutoTokenizer on a CALM folder reads config.json, whose class is remote code: without
+    trust_remote_code=True, transformers asks "[y/N]" on stdin where the package is not installed. The card's
+    snippet passes it, so it runs as written (stdin closed), tokenizer and `generate` included."""
+    folder, card = calm_folder_with_card
+    snippet = card.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'AutoTokenizer.from_pretrained("{folder}", trust_remote_code=True)' in snippet
+    assert "model.generate(**tokenizer(text" in snippet
+    env = {"HF_HUB_OFFLINE": "1"}
+    output = run_without_package(_STDERR_TO_STDOUT + snippet + "print('SNIPPET OK', type(model).__module__)",
+                                 cwd=tmp_path, env_extra=env)
+    assert "SNIPPET OK transformers_modules" in output and "[y/N]" not in output
+
+    # The control: the same load without trust_remote_code does prompt (so the check above can fail).
+    untrusted = f"from transformers import AutoTokenizer\nAutoTokenizer.from_pretrained({str(folder)!r})\n"
+    assert "[y/N]" in run_without_package(_STDERR_TO_STDOUT + untrusted, cwd=tmp_path, env_extra=env)
 
 
 # ------------------------------------------------------------------------------------------------------------------

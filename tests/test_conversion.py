@@ -333,6 +333,11 @@ def test_output_folder_card_and_generation_config(converted_dir, model):
     assert "trust_remote_code=True" in card.text and f"K = {model.config.patch_size}" in card.text
     assert 'from_pretrained("org/calm-m", trust_remote_code=True)' in card.text
     assert "check it against the authors' release" in card.text
+    # One card builder (modeling_calm.card_calm): the conversion facts, the tokenizer loaded without a remote-code
+    # prompt, and generation through `generate` rather than by hand.
+    assert "script: `conversion/convert_calm_original_to_hf.py`" in card.text and "dtype: float32" in card.text
+    assert 'AutoTokenizer.from_pretrained("org/calm-m", trust_remote_code=True)' in card.text
+    assert "model.generate(**tokenizer(" in card.text and "head.sample" not in card.text
     generation = model.generation_config
     assert generation.max_new_tokens % model.config.patch_size == 0
     # CALM's own settings, not transformers' `temperature` (which would outrank calm_temperature forever).
