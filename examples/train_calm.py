@@ -149,7 +149,7 @@ def main():
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():  # the card before save_model, which (with --push_to_hub) uploads it
-        repo = training_args.hub_model_id or training_args.output_dir
+        repo = trainer.hub_model_id or training_args.output_dir  # the Hub repo (set by the Trainer) when pushing
         ae_name, tokenizer_name = source_names([ae_path, model_args.tokenizer or ae_path])
         eval_data = dict(dataset=", ".join(source_names(data_args.validation_file or data_args.train_file)),
                          split="validation" if data_args.validation_file else "held-out blocks")

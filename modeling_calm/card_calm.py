@@ -10,6 +10,10 @@ standard one the Hub reads, and `ModelCard(text).data.eval_results` gives the nu
     card.save(os.path.join(output_dir, "README.md"))
     push_calm_to_hub(output_dir, "org/calm-m", tokenizer=tokenizer, card=card)       # one commit
 
+Every card of the project comes from these two builders: the training examples (with `brier_from_trainer_metrics`,
+`accuracy_from_trainer_metrics` and `source_names` turning a run into their arguments) and the conversion scripts
+(`conversion=` facts, the source repository as `base_model`).
+
 `push_calm_to_hub` stages the model folder (weights, config with `auto_map`, the remote-code `.py` files), the
 tokenizer files and the card as one commit through `HfApi.create_commit`. The standard calls work too
 (`model.push_to_hub`, `tokenizer.push_to_hub`, `card.push_to_hub`), but each is its own commit, and the first two

@@ -393,9 +393,35 @@ def corpus_and_tokenizer(tmp_path_factory):
     return folder, corpus
 
 
-def run_example(name: str, args: list[str], folder: Path) -> str:
+# Runs an example with the Hub replaced: HfApi.create_repo answers, HfApi.upload_folder (every Trainer push ends
+# there, on transformers 5.17 and 5.23) records the README.md it would upload into uploads.json.
+_RECORDING_HUB = """
+import concurrent.futures, json, runpy, sys, types
+from pathlib import Path
+from huggingface_hub import HfApi
+
+uploads = []
+def upload_folder(self, **kwargs):
+    readme = Path(kwargs["folder_path"]) / "README.md"
+    uploads.append({"repo_id": kwargs["repo_id"], "readme": readme.read_text() if readme.exists() else None})
+    done = concurrent.futures.Future()
+    done.set_result(None)
+    return done if kwargs.get("run_as_future") else None
+HfApi.create_repo = lambda self, repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id)
+HfApi.upload_folder = upload_folder
+script, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    Path("uploads.json").write_text(json.dumps(uploads))
+"""
+
+
+def run_example(name: str, args: list[str], folder: Path, recording_hub: bool = False) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_DATASETS_CACHE": str(folder / "datasets_cache")}
     command = [sys.executable, str(REPO_ROOT / "examples" / f"{name}.py"), *args]
+    if recording_hub:
+        command[1:1] = ["-c", _RECORDING_HUB]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -422,7 +448,9 @@ def test_examples_train_an_autoencoder_then_a_calm_on_it(corpus_and_tokenizer):
     assert card.data.pipeline_tag == "feature-extraction" and "corpus.jsonl" in card.text
     assert "| K (tokens per chunk, `patch_size`) | 4 |" in card.text and "3 steps" in card.text
 
-    run_example("train_calm", common + ["--autoencoder", str(ae_dir), "--output_dir", str(calm_dir)], folder)
+    push = ["--push_to_hub", "true", "--hub_model_id", "calm-org/calm"]  # to the recording Hub above
+    run_example("train_calm", common + ["--autoencoder", str(ae_dir), "--output_dir", str(calm_dir), *push], folder,
+                recording_hub=True)
     metrics = json.loads((calm_dir / "eval_results.json").read_text())
     assert {"eval_loss", "eval_fidelity", "eval_diversity", "eval_brier_4", "eval_brier_lm"} <= set(metrics)
     card = ModelCard.load(calm_dir / "README.md")
@@ -432,8 +460,11 @@ def test_examples_train_an_autoencoder_then_a_calm_on_it(corpus_and_tokenizer):
         assert result.metric_value == metrics[f"eval_{name}"] and result.metric_config == "trainer_eval"
         assert result.dataset_type == "corpus.jsonl"
     assert "quick estimate" in card.text and "examples/evaluate_brierlm.py" in card.text
-    assert f'from_pretrained("{calm_dir}", trust_remote_code=True)' in card.text
+    assert 'from_pretrained("calm-org/calm", trust_remote_code=True)' in card.text
     assert card.data.model_name == "calm" and "| K (tokens per step, `patch_size`) | 4 |" in card.text
+    # save_model pushed the folder with this card, not the Trainer's generic one.
+    uploads = json.loads((folder / "uploads.json").read_text())
+    assert uploads[-1] == {"repo_id": "calm-org/calm", "readme": (calm_dir / "README.md").read_text()}
     assert SHIPPED_CALM_FILES <= {p.name for p in (calm_dir / "checkpoint-3").glob("*.py")}
     model = AutoModelForCausalLM.from_pretrained(calm_dir, trust_remote_code=True)
     autoencoder = CalmAutoencoder.from_pretrained(ae_dir)
