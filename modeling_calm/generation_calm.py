@@ -94,7 +94,10 @@ _IGNORED_LOGIT_SETTINGS = (
     "min_new_tokens", "logits_processor", "renormalize_logits",
 )
 # Arguments that callers such as pipeline("text-generation") pass and that mean nothing here.
-_ACCEPTED_AND_IGNORED = ("do_sample", "use_cache", "synced_gpus", "assistant_model", "prefix_allowed_tokens_fn")
+_ACCEPTED_AND_IGNORED = (
+    "do_sample", "use_cache", "synced_gpus", "assistant_model", "prefix_allowed_tokens_fn",
+    "token_type_ids",  # some tokenizers return it; a decoder over chunks has no segments
+)
 
 
 @dataclass

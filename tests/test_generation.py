@@ -408,7 +408,7 @@ def test_compiled_step_matches_eager_and_failure_falls_back(model):
         (dict(num_beams=2), "num_beams"),
         (dict(noise=torch.zeros(1, 1, 8)), "noise"),
         (dict(temperature=0.5, sampling_method="exact", noise=torch.zeros(4, 1, 8)), "noise"),
-        (dict(token_type_ids=torch.zeros(1, 8)), "token_type_ids"),
+        (dict(pixel_values=torch.zeros(1, 8)), "pixel_values"),
     ],
 )
 def test_bad_arguments_raise_value_errors(model, kwargs, message):
@@ -464,3 +464,15 @@ def test_golden_noise_reproduces_the_reference_steps():
     noise = golden["gen_rand_stream"].view(steps.shape[0], 2, -1) - 0.5  # one [B, E] call per step
     out = model.generate(input_ids=padded, max_new_tokens=16, temperature=1.0, noise=noise, **NO_STOPS)
     assert torch.equal(out[:, 8:], steps.permute(1, 0, 2).reshape(2, -1))
+
+
+def test_tokenizer_outputs_with_token_type_ids_are_accepted(model):
+    # `generate(**tokenizer(text, return_tensors="pt"))` must work with tokenizers that return token_type_ids.
+    ids, mask = left_pad(random_rows([6]))
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, seed=0)
+    with_types = model.generate(
+        input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), max_new_tokens=8, seed=0
+    )
+    assert torch.equal(plain, with_types)
+    with pytest.raises(ValueError, match="does not use"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, not_an_argument=1)
