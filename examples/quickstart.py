@@ -1,83 +1,206 @@
-"""Smallest honest end-to-end CALM run on the CPU, with no download.
+"""Quickstart: a whole CALM pipeline on the CPU, on text that ships with Python (no download, no network).
 
-Trains a tiny autoencoder and a tiny CALM on text that ships with Python (the `pydoc_data` help topics), using
-UTF-8 bytes as tokens, reports reconstruction accuracy and the energy loss, saves a Hub-ready folder and reloads
-it through `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
+Trains a byte-level BPE tokenizer, a chunk autoencoder (`CalmAutoencoderTrainer`) and a CALM on the frozen
+autoencoder (`CalmTrainer`); reports the autoencoder's token accuracy and the CALM's BrierLM on held-out text,
+prints samples at T = 1 and T = 0.5, writes a Hub-ready folder (model, tokenizer, model card; the autoencoder
+in `autoencoder/`) and reloads it with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
 
-    python examples/quickstart.py                      # about a minute on 2 CPU cores
-    python examples/quickstart.py --max_steps 20       # a smoke run
+    python examples/quickstart.py                                   # ~6 minutes on 2 CPU cores
+    python examples/quickstart.py --max_steps 20                    # a smoke run
+    python examples/quickstart.py --train_file my.jsonl --preset calm-m --device cuda --max_steps 5000
 """
 
-import argparse
+import importlib
+import inspect
 import json
+import math
+import pkgutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from pydoc_data.topics import topics
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
-from modeling_calm import CalmAutoencoder, CalmConfig, CalmForCausalLM
-
-PRESET = Path(__file__).resolve().parents[1] / "configuration" / "tiny.json"
-BYTE_VOCAB = 256 + 3  # bytes + bos/eos/pad
-
-
-def byte_blocks(block_size: int) -> torch.Tensor:
-    data = bytes("\n\n".join(topics.values()), "utf-8")
-    ids = torch.tensor(list(data), dtype=torch.long) + 3  # 0, 1, 2 are bos, eos, pad
-    n = len(ids) // block_size * block_size
-    return ids[:n].view(-1, block_size)
+from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
+from modeling_calm.card_calm import build_autoencoder_card, build_model_card
+from modeling_calm.data_calm import CalmDataCollator, iter_texts, train_bpe_tokenizer
+from modeling_calm.evaluation_calm import evaluate_brier
 
 
-def train(model, blocks, steps, batch_size, lr, desc):
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    model.train()
-    progress = tqdm(range(steps), desc=desc)
-    for _ in progress:
-        batch = blocks[torch.randint(0, len(blocks), (batch_size,))]
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
+CONFIGURATION = Path(__file__).resolve().parents[1] / "configuration"
+# The built-in corpus: pydoc's help topics plus the docstrings of these standard-library modules (and of the
+# public submodules of the packages), ~1.3 MB of English text about Python, the same on every run.
+MODULES = ("abc argparse ast base64 bisect calendar collections contextlib copy csv dataclasses datetime decimal "
+           "difflib enum fractions functools glob hashlib heapq inspect io itertools math operator os pathlib "
+           "pickle pprint random re shutil socket statistics string struct subprocess tarfile tempfile textwrap "
+           "threading time typing uuid zipfile").split()
+PACKAGES = ("json", "email", "urllib", "http", "html", "logging", "importlib", "concurrent.futures", "xml.etree",
+            "unittest", "asyncio", "sqlite3")
+PROMPTS = ["Return a new list", "The following", "If the argument is"]
+HELD_OUT_EVERY = 20  # every 20th document is evaluation text
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max_steps", type=int, default=300)
-    parser.add_argument("--output_dir", default="runs/quickstart")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+@dataclass
+class QuickstartArguments:
+    train_file: str | None = field(default=None, metadata={"help": "Your own .txt/.jsonl text instead of Python's."})
+    preset: str = field(default="tiny", metadata={"help": "tiny | calm-m | calm-l | calm-xl, or a JSON path."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (bf16 mixed precision)."})
+    output_dir: str = field(default="runs/quickstart", metadata={"help": "Where the Hub-ready folder goes."})
+    max_steps: int | None = field(default=None, metadata={"help": "Training steps per stage (default 600 / 600)."})
+    vocab_size: int = field(default=2048, metadata={"help": "Size of the BPE vocabulary to train."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training/evaluation block."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and sampling."})
 
-    preset = json.loads(PRESET.read_text())
-    preset["autoencoder_config"].update(vocab_size=BYTE_VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    preset["backbone_config"].update(vocab_size=BYTE_VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    config = CalmConfig(**{k: v for k, v in preset.items() if k != "model_type"})
-    blocks = byte_blocks(64)
-    held_out, blocks = blocks[:32], blocks[32:]
 
-    autoencoder = CalmAutoencoder(config.autoencoder_config)
-    train(autoencoder, blocks, args.max_steps, 32, 3e-3, "autoencoder")
-    with torch.no_grad():
-        accuracy = autoencoder(held_out, labels=held_out, sample_latents=False).accuracy.item()
-    print(f"autoencoder token accuracy on held-out text (z = posterior mean): {accuracy:.4f}")
+def builtin_corpus() -> list[str]:
+    """Python's own documentation: the help topics of `pydoc_data` and standard-library docstrings."""
+    texts = [topics[name] for name in sorted(topics)]
+    names = list(MODULES)
+    for package in PACKAGES:
+        path = importlib.import_module(package).__path__
+        names += [package] + [f"{package}.{m.name}" for m in pkgutil.iter_modules(path) if m.name[0] != "_"]
+    seen = set()
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # platform-specific modules (asyncio.windows_events, ...)
+            continue
+        objects = [(name, module)]
+        for attr, obj in sorted(vars(module).items()):
+            if attr[0] != "_" and (inspect.isclass(obj) or inspect.isroutine(obj)):
+                objects.append((f"{name}.{attr}", obj))
+                members = sorted(vars(obj).items()) if inspect.isclass(obj) else []
+                objects += [(f"{name}.{attr}.{m}", o) for m, o in members if m[0] != "_" and inspect.isroutine(o)]
+        for title, obj in objects:
+            doc = inspect.getdoc(obj)
+            if doc and doc not in seen:  # re-exported objects appear once
+                seen.add(doc)
+                texts.append(f"{title}\n\n{doc}")
+    return texts
 
-    model = CalmForCausalLM(config)
-    model.autoencoder.load_state_dict(autoencoder.state_dict())
-    train(model, blocks, args.max_steps, 16, 1e-3, "calm")
-    with torch.no_grad():
-        out = model(held_out, labels=held_out)
-    print(f"CALM held-out energy loss {out.loss.item():.3f}, Brier-1..4 {[round(b, 3) for b in out.brier.tolist()]}")
 
-    model.save_pretrained(args.output_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=True).eval()
-    with torch.no_grad():
-        same = torch.equal(reloaded(held_out).last_hidden_state, model(held_out).last_hidden_state)
-    print(f"saved to {args.output_dir}; reloaded with AutoModelForCausalLM: identical hidden states = {same}")
+def pack(tokenizer, texts: list[str], block_size: int) -> torch.Tensor:
+    """Documents, each after a BOS (the document start `generate` stops on), cut into blocks [N, block_size]."""
+    ids = []
+    for tokens in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += [tokenizer.bos_token_id, *tokens] if tokens else []
+    return torch.tensor(ids[: len(ids) // block_size * block_size]).view(-1, block_size)
+
+
+@torch.no_grad()
+def token_accuracy(autoencoder, blocks: torch.Tensor, **forward_kwargs) -> float:
+    """Mean token accuracy of the reconstruction of every block; same noise draws on every call."""
+    generator = torch.Generator(autoencoder.device).manual_seed(0)
+    blocks = blocks.to(autoencoder.device)
+    correct = [autoencoder(b, labels=b, generator=generator, **forward_kwargs).accuracy * len(b) for b in blocks.split(64)]
+    return float(sum(correct) / len(blocks))
+
+
+def generate(model, tokenizer, prompt: str, **kwargs) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, max_new_tokens=32, seed=0, **kwargs)
+    text = tokenizer.decode(output[0], skip_special_tokens=True)
+    return repr(text[:100])  # repr: one line, with the newlines visible
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(args=argv)
+    start, out = time.time(), Path(args.output_dir)
+    torch.manual_seed(args.seed)
+
+    # 1. Text and tokenizer.
+    if args.train_file:
+        texts = [t for t in iter_texts(args.train_file) if t.strip()]
+        if not texts:
+            raise ValueError(f"--train_file {args.train_file!r} holds no text.")
+        source = Path(args.train_file).name
+    else:
+        texts, source = builtin_corpus(), "Python's documentation (pydoc topics and standard-library docstrings)"
+    held_out = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    train_texts = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1] or held_out
+    tokenizer = train_bpe_tokenizer(iter(train_texts), vocab_size=args.vocab_size)
+    train_blocks, eval_blocks = pack(tokenizer, train_texts, args.block_size), pack(tokenizer, held_out, args.block_size)
+    if len(train_blocks) == 0 or len(eval_blocks) == 0:
+        raise ValueError(f"{source} is too short for blocks of {args.block_size} tokens; use more text.")
+    print(f"{source}: {train_blocks.numel():,} training and {eval_blocks.numel():,} held-out tokens; "
+          f"tokenizer of {len(tokenizer)} tokens")
+
+    # 2. The autoencoder, from the preset's sizes with the trained tokenizer's vocabulary.
+    preset_path = Path(args.preset) if args.preset.endswith(".json") else CONFIGURATION / f"{args.preset}.json"
+    preset = json.loads(preset_path.read_text())
+    specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    ae_values = {k: v for k, v in preset["autoencoder_config"].items() if k != "model_type"}
+    autoencoder = CalmAutoencoder(CalmAutoencoderConfig(**{**ae_values, "vocab_size": len(tokenizer), **specials}))
+    k = autoencoder.config.patch_size
+    cuda = args.device == "cuda"
+
+    def training_args(stage: str, steps: int, batch_size: int) -> TrainingArguments:
+        return TrainingArguments(
+            output_dir=str(out / "training" / stage), max_steps=args.max_steps or steps, learning_rate=3e-3,
+            warmup_steps=min(20, (args.max_steps or steps) // 10), lr_scheduler_type="cosine", weight_decay=0.1,
+            adam_beta2=0.95, per_device_train_batch_size=batch_size, logging_steps=50, save_strategy="no",
+            report_to="none", seed=args.seed, use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0,
+        )
+
+    train_dataset = [{"input_ids": block} for block in train_blocks]
+    collator = CalmDataCollator(tokenizer.pad_token_id, patch_size=k)
+    print(f"autoencoder: {autoencoder.num_parameters() / 1e6:.2f}M parameters, K={k}, Z={autoencoder.config.latent_size}")
+    CalmAutoencoderTrainer(model=autoencoder, args=training_args("autoencoder", 600, 16), train_dataset=train_dataset,
+                           data_collator=collator).train()
+    autoencoder.eval()
+    accuracy = {"mean": token_accuracy(autoencoder, eval_blocks, sample_latents=False),
+                "sampled": token_accuracy(autoencoder, eval_blocks),
+                "noise_0.3": token_accuracy(autoencoder, eval_blocks, latent_noise_std=0.3)}
+
+    # 3. The CALM on the frozen autoencoder, with the preset's backbone and head.
+    backbone = {**preset["backbone_config"], "vocab_size": len(tokenizer), **specials}
+    head = {k: v for k, v in preset.items() if k not in ("model_type", "autoencoder_config", "backbone_config",
+                                                          "patch_size", "latent_size", *specials)}
+    model = CalmForCausalLM.from_autoencoder(autoencoder, backbone_config=backbone, **head, **specials)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"CALM: {trainable / 1e6:.2f}M trainable parameters (autoencoder frozen), {model.config.head_type} head")
+    CalmTrainer(model=model, args=training_args("calm", 600, 16), train_dataset=train_dataset,
+                data_collator=collator).train()
+    model.eval()
+
+    # 4. BrierLM on the held-out text, and samples.
+    brier = evaluate_brier(model, eval_blocks, batch_size=16, seeds=(0, 1, 2))
+    samples = {t: [generate(model, tokenizer, p, temperature=t, num_candidates=200) for p in PROMPTS] for t in (1.0, 0.5)}
+
+    # 5. A Hub-ready folder: model, code, tokenizer and card; the autoencoder with its own card in autoencoder/.
+    data = dict(dataset_name=source, split="held-out")
+    tokenizer_name = f"byte-level BPE ({len(tokenizer)} tokens) trained on the same text"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    build_model_card(model, model_name=f"calm-quickstart-{args.preset}", brier_lm={**brier, **data},
+                     autoencoder_accuracy={**accuracy, **data}, training_data=source,
+                     tokenizer_name=tokenizer_name).save(out / "README.md")
+    autoencoder.save_pretrained(out / "autoencoder")
+    tokenizer.save_pretrained(out / "autoencoder")
+    build_autoencoder_card(autoencoder, model_name=f"calm-quickstart-{args.preset}-autoencoder",
+                           accuracy={**accuracy, **data}, noise_robustness={0.3: accuracy["noise_0.3"]},
+                           training_data=source, tokenizer_name=tokenizer_name).save(out / "autoencoder" / "README.md")
+
+    # 6. Reload the folder as any Hub user would, and generate from it.
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).to(model.device)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
+    reloaded_text = generate(reloaded, reloaded_tokenizer, PROMPTS[0], temperature=0.5, num_candidates=200)
+
+    mean, std = brier["mean"], brier["std"]
+    rows = [
+        ("autoencoder accuracy", f"z = mean {accuracy['mean']:.2%}, z sampled {accuracy['sampled']:.2%}, "
+                                 f"z sampled + noise 0.3 {accuracy['noise_0.3']:.2%}"),
+        ("BrierLM (held-out)", f"{mean['brier_lm']:.2f} +- {std['brier_lm']:.2f} over {len(brier['seeds'])} seeds; "
+                               + ", ".join(f"Brier-{n} {mean[f'brier_{n}']:.3f}" for n in range(1, 5))),
+        *((f"sample T={t}", text) for t, texts_ in samples.items() for text in texts_),
+        ("reloaded, T=0.5", reloaded_text),
+        ("saved to", f"{out} (+ {out / 'autoencoder'})"),
+        ("total time", f"{(time.time() - start) / 60:.1f} min"),
+    ]
+    print("\n" + "\n".join(f"{name:<22} {value}" for name, value in rows))
 
 
 if __name__ == "__main__":
