@@ -5,7 +5,7 @@ autoencoder (`CalmTrainer`); reports the autoencoder's token accuracy and the CA
 prints samples at T = 1 and T = 0.5, writes a Hub-ready folder (model, tokenizer, model card; the autoencoder
 in `autoencoder/`) and reloads it with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
 
-    python examples/quickstart.py                                   # ~6 minutes on 2 CPU cores
+    python examples/quickstart.py                                   # the CPU defaults (600 + 600 steps)
     python examples/quickstart.py --max_steps 20                    # a smoke run
     python examples/quickstart.py --train_file my.jsonl --preset calm-m --device cuda --max_steps 5000
 """
