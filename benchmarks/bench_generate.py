@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -167,9 +168,39 @@ def main() -> None:
     compile_flag = {"auto": None, "on": True, "off": False}[args.calm_compile]
     results = []
 
+    environment = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+    }
+    errors = []
+
+    def save(checks=()):
+        output = {"settings": vars(args), "environment": environment, "results": results, "checks": list(checks),
+                  "errors": errors}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(output, indent=2))
+
+    def guarded(name, batch, temperature, run):
+        """Measure one configuration; a failure is recorded (with its traceback) and the others still run."""
+        try:
+            return measure(run, args, args.new_tokens, args.prompt_tokens)
+        except Exception as error:  # noqa: BLE001 - a benchmark reports every configuration it can
+            traceback.print_exc()
+            errors.append({"model": name, "batch_size": batch, "temperature": temperature,
+                           "error": f"{type(error).__name__}: {error}"[:1000]})
+            save()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return None
+
     def record(name, batch, temperature, path, stats):
+        if stats is None:
+            return
         row = {"model": name, "batch_size": batch, "temperature": temperature, "path": path, **stats}
         results.append(row)
+        save()
         print(
             f"  {name:<34} batch {batch:>3}  T={temperature if temperature is not None else '-':<4}  "
             f"{stats['tokens_per_second']:>11,.0f} tok/s  median {stats['seconds']:.3f}s  path: {path}",
@@ -191,7 +222,7 @@ def main() -> None:
                         **settings,
                     )
 
-                stats = measure(run_calm, args, args.new_tokens, args.prompt_tokens)
+                stats = guarded(name, batch, temperature, run_calm)
                 record(name, batch, temperature, calm.calm_last_decoding, stats)
         if args.no_llama:
             continue
@@ -206,7 +237,7 @@ def main() -> None:
                     min_new_tokens=args.new_tokens, **extra,
                 )
 
-            stats = measure(run_llama, args, args.new_tokens, args.prompt_tokens)
+            stats = guarded(name, batch, None, run_llama)
             if not extra:
                 path = "eager, DynamicCache"
             elif args.device.startswith("cuda"):
@@ -264,15 +295,9 @@ def main() -> None:
         for c in checks:
             print(f"| {c['check']} | {c['value']:,.2f} | {c['target']:,} | {'yes' if c['met'] else 'NO'} |")
 
-    environment = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-    }
-    output = {"settings": vars(args), "environment": environment, "results": results, "checks": checks}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(output, indent=2))
+    for error in errors:
+        print(f"FAILED: {error['model']} batch {error['batch_size']} T={error['temperature']}: {error['error']}")
+    save(checks)
     print(f"\nwrote {args.output}")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,8 +39,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM
-from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks
+# Run from a checkout without installing the package (the GPU machine has no install of it).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalLM  # noqa: E402
+from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks  # noqa: E402
 
 
 STAGES = ("ae", "ae_eval", "calm", "baseline", "eval", "samples")

@@ -10,13 +10,17 @@ evaluation text in an ignored folder (default `.gpu/`).
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from modeling_calm.data_calm import iter_texts
+# Run from a checkout without installing the package (the GPU machine has no install of it).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from modeling_calm.data_calm import iter_texts  # noqa: E402
 
 
 def main():

@@ -1,0 +1,127 @@
+"""The GPU scripts (benchmarks/) at tiny sizes on the CPU, run as on the GPU machine: from the checkout, with the
+package not installed, so each script must find `modeling_calm` through its own path set-up.
+
+A run on the H100 once failed at its first import because a script relied on the package being installed; these
+tests catch that class of fault (and broken arguments, JSON fields, resumption) before device time is spent."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modeling_calm.data_calm import train_bpe_tokenizer
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs argv[1] as __main__ with argv[2:], after removing every way the installed package could be found (the
+# editable install's finder and any sys.path entry for the checkout); asserts that it is then not importable.
+_BARE_CHECKOUT_RUNNER = """
+import importlib.util, os, runpy, sys
+root = os.path.realpath({root!r})
+sys.path[:] = [p for p in sys.path if p and os.path.realpath(p) != root]
+sys.meta_path[:] = [
+    f for f in sys.meta_path
+    if "editable" not in (str(getattr(f, "__module__", "")) + type(f).__module__ + type(f).__name__).lower()
+]
+assert importlib.util.find_spec("modeling_calm") is None, "modeling_calm is still importable"
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # what `python script.py` puts first
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> str:
+    code = _BARE_CHECKOUT_RUNNER.format(root=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / script), *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_runner_really_hides_the_installed_package(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import modeling_calm\n")
+    code = _BARE_CHECKOUT_RUNNER.format(root=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code, str(probe)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0 and "No module named 'modeling_calm'" in result.stderr
+
+
+def test_bench_generate_tiny(tmp_path):
+    out = tmp_path / "generate.json"
+    stdout = run_script("benchmarks/bench_generate.py", "--tiny", "--batch-sizes", "1", "3", "--new-tokens", "8",
+                        "--output", out, cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    rows = {(r["model"], r["batch_size"], r["temperature"]) for r in report["results"]}
+    for batch in (1, 3):
+        for temperature in (1.0, 0.5):
+            assert ("CALM", batch, temperature) in rows and ("CALM eager", batch, temperature) in rows
+        assert ("Llama generate (default)", batch, None) in rows
+        assert ("Llama generate (static+compiled)", batch, None) in rows
+    assert all(r["tokens_per_second"] > 0 and len(r["all_seconds"]) == 1 for r in report["results"])
+    checks = {c["check"] for c in report["checks"]}
+    assert {"T=1 vs Llama default generate (batch 1)", "T=1 tokens/s at batch 1"} <= checks
+    assert "| target | value | needed | met |" in stdout
+
+
+def test_bench_train_tiny(tmp_path):
+    out = tmp_path / "train.json"
+    run_script("benchmarks/bench_train.py", "--tiny", "--warmup", "1", "--steps", "2", "--json", out, cwd=tmp_path)
+    summary = json.loads(out.read_text())
+    results = {r["model"]: r for r in summary["results"]}
+    assert set(results) == {"calm", "llama"} and not any("error" in r for r in results.values())
+    for r in results.values():
+        assert r["tokens_per_step"] == 2 * 256 and r["tokens_per_second"] > 0 and r["trainable_parameters"] > 0
+    assert summary["calm_over_llama_tokens_per_second"] == pytest.approx(
+        results["calm"]["tokens_per_second"] / results["llama"]["tokens_per_second"]
+    )
+
+
+WORDS = "the a of river city was born in and to film album song team war king church station school is".split()
+
+
+def test_real_results_pipeline_tiny_and_resumable(tmp_path):
+    rng = random.Random(0)
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))}) + "\n"
+        for _ in range(400)
+    ))
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(300))}) + "\n" for _ in range(4)
+    ))
+    train_bpe_tokenizer(corpus, vocab_size=300, min_frequency=2, output_dir=tmp_path / "tokenizer")
+    data, work = tmp_path / "data", tmp_path / "work"
+    run_script("benchmarks/real_results/prepare_data.py", "--train_file", corpus, "--tokenizer",
+               tmp_path / "tokenizer", "--eval_file", eval_file, "--output_dir", data, cwd=tmp_path)
+    meta = json.loads((data / "data.json").read_text())
+    assert meta["documents"] == 400 and meta["tokens"] > 400 and (data / "train_ids.npy").exists()
+
+    run_script("benchmarks/real_results/pipeline.py", "--data", data, "--work", work, "--tiny", cwd=tmp_path)
+    results = json.loads((work / "results.json").read_text())
+    ae = results["autoencoder_eval"]
+    assert set(ae["accuracy_mean_plus_noise"]) == {"0.0", "0.1", "0.2", "0.3", "0.5"}
+    assert all(0 <= v <= 1 for v in ae["accuracy_mean_plus_noise"].values())
+    assert 0 <= ae["active_dimensions"] <= ae["latent_size"] == 16
+    for name in ("calm", "baseline"):
+        training = results[f"{name}_training"]
+        assert training["steps"] > 0 and training["train_flops"] > 0 and training["curve"]
+        assert [s["seed"] for s in results["brier_lm"][name]["per_seed"]] == [0, 1]
+        for temperature in (1.0, 0.5, 0.33):
+            assert len(results["samples"][f"{name}_T{temperature}"]) == 2
+
+    # A second call resumes: every stage is found done, nothing is retrained.
+    stamp = (work / "calm" / "done.json").stat().st_mtime_ns
+    stdout = run_script("benchmarks/real_results/pipeline.py", "--data", data, "--work", work, "--tiny",
+                        cwd=tmp_path)
+    assert stdout.count("already done") == 6
+    assert (work / "calm" / "done.json").stat().st_mtime_ns == stamp
