@@ -8,9 +8,10 @@ Both models take the same training step on random tokens (4 x 2,048 tokens by de
   True)` does); the same for both models. The frozen autoencoder stays float32 like the rest.
 - Optimiser: AdamW (fused on CUDA), lr 3e-4, betas (0.9, 0.95), weight decay 0.1, as in the paper's recipe.
 - Attention: PyTorch SDPA (flash kernels on the GPU) for both backbones.
-- `--compile` (default on CUDA): `torch.compile` of each whole model (`model.compile()`); CALM's forward breaks
-  into graphs at its data-dependent choice of target positions, everything else (backbone, head, energy score;
-  the Llama's LM head and cross-entropy) compiles.
+- `--compile` (default on CUDA): `torch.compile` of each whole model (`model.compile()`, mode from
+  `--compile-mode`). CALM's training forward (compression, backbone, head, energy score) is one graph with no
+  break: the loss covers every position with weights instead of selecting the valid ones (no host sync), which
+  also allows `--compile-mode reduce-overhead` (CUDA graphs).
 - Reported: median step time over the measured steps, tokens/s = tokens per step / median step time, and peak
   memory = `torch.cuda.max_memory_allocated` over the measured steps (weights, gradients and AdamW states
   included). On the CPU memory is not measured.
@@ -58,6 +59,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30; tiny 5)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile both models (default: on CUDA)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: CALM's training step is "
+                        "one graph with static shapes), 'max-autotune', 'max-autotune-no-cudagraphs'")
     parser.add_argument("--models", default="calm,llama", help="comma-separated subset of calm,llama")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
@@ -83,7 +87,7 @@ def measure(name: str, config: CalmConfig, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build(name, config).to(device).train()
     if args.compile:
-        model.compile()
+        model.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
@@ -146,6 +150,7 @@ def main():
         "warmup": args.warmup,
         "steps": args.steps,
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "precision": "bf16 autocast, fp32 master weights and AdamW states",
     }
     results = []

@@ -14,4 +14,6 @@ cd "$(dirname "$0")/.."
 } > "$out/environment.txt" 2>&1
 python3 benchmarks/bench_generate.py --output "$out/bench_generate.json" > "$out/bench_generate.log" 2>&1
 python3 benchmarks/bench_train.py --json "$out/bench_train.json" > "$out/bench_train.log" 2>&1
+python3 benchmarks/bench_train.py --compile-mode reduce-overhead --json "$out/bench_train_cudagraphs.json" \
+    > "$out/bench_train_cudagraphs.log" 2>&1
 date -u +%Y-%m-%dT%H:%M:%SZ > "$out/finished.txt"

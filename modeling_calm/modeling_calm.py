@@ -186,7 +186,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         """Token mask `[B, T]` -> chunk mask `[B, T/K]`; a chunk must be all content or all padding."""
         chunks = attention_mask.reshape(attention_mask.shape[0], -1, self.config.patch_size)
         chunk_mask = chunks.amax(-1)
-        if bool((chunks.amin(-1) != chunk_mask).any()):
+        # Checked eagerly; a compiled graph skips the check (a host sync that would split the graph).
+        if not torch.compiler.is_compiling() and bool((chunks.amin(-1) != chunk_mask).any()):
             raise ValueError(
                 "`attention_mask` masks part of a chunk: padding must come in whole chunks of "
                 f"K={self.config.patch_size} tokens (pad to a multiple of K; generate() does this for prompts)."
@@ -319,6 +320,23 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator, reference=True)
 
     @staticmethod
+    def _scatter_explicit_noise(noise: torch.Tensor | None, valid: torch.Tensor, name: str) -> torch.Tensor | None:
+        """Explicit noise is given for the N valid positions only (dim 1 of `[S|M, N, E|Z]`, dim 0 of the flow
+        head's `[N, Z]`): spread it over all P positions, zeros at the ignored ones."""
+        if noise is None:
+            return None
+        dim = 1 if noise.dim() == 3 else 0
+        index = valid.nonzero().squeeze(-1)
+        if noise.dim() not in (2, 3) or noise.shape[dim] != index.numel():
+            raise ValueError(
+                f"`{name}` of shape {tuple(noise.shape)} must hold one entry per valid target position "
+                f"({index.numel()}) along dimension {dim}."
+            )
+        shape = list(noise.shape)
+        shape[dim] = valid.numel()
+        return noise.new_zeros(shape).index_copy(dim, index.to(noise.device), noise)
+
+    @staticmethod
     def _past_length(past_key_values) -> int:
         if past_key_values is None:
             return 0
@@ -337,35 +355,44 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         if chunk_mask is not None:
             # Neither the conditioning chunk nor the target chunk may be padding.
             valid &= chunk_mask[:, :-1].bool() & chunk_mask[:, 1:].bool()
-        # One host sync (and one torch.compile graph break) for both selections: the valid positions, flattened in
-        # (batch, step) order.
-        index = valid.flatten().nonzero().squeeze(-1)  # [N]
-        hidden_valid = hidden[:, :-1].flatten(0, 1).index_select(0, index)  # [N, D]
-        targets = label_chunks.flatten(0, 1).index_select(0, index)  # [N, K]
-        if targets.shape[0] == 0:
-            zero = hidden.sum() * 0.0  # keeps the graph (and DDP) happy when a batch has no target
-            return zero, None, None, None
+        # Every position runs through the head and the loss is averaged over the valid ones with weights: no
+        # data-dependent shapes and no host sync, so a compiled training step is one graph (CUDA graphs possible)
+        # and the CPU can queue kernels ahead of the GPU. Packed pre-training has (almost) every position valid.
+        valid = valid.flatten()  # [P], P = B*(L-1), in (batch, step) order
+        hidden_all = hidden[:, :-1].flatten(0, 1)  # [P, D]
+        targets = label_chunks.flatten(0, 1).clamp(min=0)  # [P, K]; ignored chunks become some token, then weight 0
+        noise = self._scatter_explicit_noise(noise, valid, "noise")
+        target_noise = self._scatter_explicit_noise(target_noise, valid, "target_noise")
+        weights = valid.float()
+        count = weights.sum().clamp(min=1.0)
+
+        def valid_mean(values: torch.Tensor) -> torch.Tensor:  # [P, ...] -> mean over the valid positions
+            values = values.float()
+            keep = valid.reshape(-1, *([1] * (values.dim() - 1)))
+            return torch.where(keep, values, torch.zeros_like(values)).sum(0) / count
 
         with torch.no_grad():
-            target_mean, target_log_std = self.autoencoder.encode(targets)  # [N, 1, Z]
+            target_mean, target_log_std = self.autoencoder.encode(targets)  # [P, 1, Z]
         head_loss = self.head.loss(
-            hidden_valid,
+            hidden_all,
             target_mean[:, 0],
             target_log_std[:, 0],
             noise=noise,
             target_noise=target_noise,
             generator=generator,
         )
-        loss = head_loss.loss.mean()
-        fidelity = head_loss.fidelity.mean().detach() if head_loss.fidelity is not None else None
-        diversity = head_loss.diversity.mean().detach() if head_loss.diversity is not None else None
+        loss = valid_mean(head_loss.loss)  # 0 (and still attached to the graph) when no position is valid
+        fidelity = valid_mean(head_loss.fidelity).detach() if head_loss.fidelity is not None else None
+        diversity = valid_mean(head_loss.diversity).detach() if head_loss.diversity is not None else None
 
         brier = None
         if return_brier or (return_brier is None and not self.training):
             with torch.no_grad():
                 samples = head_loss.samples
                 if samples is None:
-                    samples = self.head.sample(hidden_valid.unsqueeze(0).expand(2, -1, -1), generator=generator)
-                predictions = self.autoencoder.decode(samples[:2].unsqueeze(-2)).argmax(-1)  # [2, N, K]
-                brier = brier_indicators(predictions[0], predictions[1], targets, max_n=min(k, BRIER_LM_MAX_N)).mean(0)
+                    samples = self.head.sample(hidden_all.unsqueeze(0).expand(2, -1, -1), generator=generator)
+                predictions = self.autoencoder.decode(samples[:2].unsqueeze(-2)).argmax(-1)  # [2, P, K]
+                brier = valid_mean(
+                    brier_indicators(predictions[0], predictions[1], targets, max_n=min(k, BRIER_LM_MAX_N))
+                )
         return loss, fidelity, diversity, brier

@@ -203,3 +203,20 @@ def test_attention_implementation_reaches_the_backbone(tmp_path):
     assert loaded.model.config._attn_implementation == "eager"
     ids = torch.randint(3, 99, (1, 8))
     torch.testing.assert_close(loaded(ids).last_hidden_state, model.eval()(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_type", ["energy", "flow"])
+def test_training_forward_is_one_graph_without_host_sync(head_type):
+    """The loss weights positions instead of selecting them (no nonzero / .item()): torch.compile sees one graph, so
+    a compiled training step needs no host sync and can use CUDA graphs."""
+    model = CalmForCausalLM(tiny_calm_config(head_type)).train()
+    ids = torch.randint(3, 99, (2, 32))
+    labels = ids.clone()
+    labels[0, 5] = -100
+    mask = torch.ones_like(ids)
+
+    def step(ids, mask, labels):  # as the Trainer calls it: no torch.Generator (dynamo cannot trace one)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    explanation = torch._dynamo.explain(step)(ids, mask, labels)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

@@ -1,0 +1,94 @@
+"""Figures of docs/RESULTS.md from the JSON files the GPU runs wrote (docs/results/). Needs matplotlib.
+
+    pip install matplotlib
+    python benchmarks/plot_results.py                      # reads docs/results/, writes docs/figures/
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plot_generation(report: dict, path: Path) -> None:
+    """Tokens/s of every configuration, grouped by batch size (log scale)."""
+    rows = report["results"]
+    labels = []
+    for row in rows:
+        temperature = f" T={row['temperature']}" if row["temperature"] is not None else ""
+        label = f"{row['model']}{temperature}"
+        if label not in labels:
+            labels.append(label)
+    batches = sorted({row["batch_size"] for row in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        values = []
+        for label in labels:
+            match = [r for r in rows if r["batch_size"] == batch and
+                     f"{r['model']}{' T=' + str(r['temperature']) if r['temperature'] is not None else ''}" == label]
+            values.append(match[0]["tokens_per_second"] if match else 0)
+        colors = ["tab:blue" if label.startswith("CALM") else "tab:gray" for label in labels]
+        bars = ax.barh(labels, values, color=colors)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("generated tokens per second (log scale)")
+        for bar, value in zip(bars, values):
+            ax.text(value, bar.get_y() + bar.get_height() / 2, f" {value:,.0f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+    env = report["environment"]
+    fig.suptitle(f"Generation, CALM-M shape vs same-backbone Llama, 64-token prompts, 512 new tokens "
+                 f"({env['device']}, torch {env['torch']}, transformers {env['transformers']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_real_results(results: dict, path: Path) -> None:
+    """Brier-1 and Brier-2 on the evaluation subset against training FLOPs, CALM vs the Transformer baseline."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, color in (("calm", "tab:blue"), ("baseline", "tab:gray")):
+        curve = results[f"{name}_training"]["curve"]
+        flops = [point["flops"] for point in curve]
+        for ax, n in zip(axes, (1, 2)):
+            ax.plot(flops, [100 * point[f"brier_{n}"] for point in curve], "o-", color=color,
+                    label="CALM (K=4)" if name == "calm" else "Transformer baseline")
+            ax.set_xlabel("training FLOPs")
+            ax.set_ylabel(f"Brier-{n} x 100 (eval subset)")
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    setup = results["setup"]
+    fig.suptitle(f"Real text, {setup['arguments']['lm_seconds']:.0f} s of training each ({setup['device']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    args = parser.parse_args()
+    results, figures = Path(args.results), Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    for source in sorted(results.glob("bench_generate_*.json")):
+        target = figures / f"{source.stem}.png"
+        plot_generation(json.loads(source.read_text()), target)
+        print(f"wrote {target}")
+    for source in sorted(results.glob("real_results_*.json")):
+        target = figures / f"{source.stem}.png"
+        plot_real_results(json.loads(source.read_text()), target)
+        print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
