@@ -13,8 +13,11 @@ Both models take the same training step on random tokens (4 x 2,048 tokens by de
   break: the loss covers every position with weights instead of selecting the valid ones (no host sync), which
   also allows `--compile-mode reduce-overhead` (CUDA graphs).
 - Reported: median step time over the measured steps, tokens/s = tokens per step / median step time, and peak
-  memory = `torch.cuda.max_memory_allocated` over the measured steps (weights, gradients and AdamW states
-  included). On the CPU memory is not measured.
+  memory = `torch.cuda.max_memory_allocated` from before the model is built to the last step (weights, gradients,
+  AdamW states, warm-up and compilation included), with `max_memory_reserved` next to it. The peak must cover the
+  warm-up: under `reduce-overhead` the CUDA graphs' memory pool is allocated while the graphs are recorded, and
+  replays allocate nothing, so a peak taken over the replayed steps alone leaves activations and gradients out.
+  On the CPU memory is not measured.
 Needs only torch and transformers (no `datasets`).
 
 H100 (the reference numbers of the authors' code, one run: CALM 83,000 tokens/s at 8.4 GiB, Llama 90,600 at 20.2):
@@ -85,6 +88,10 @@ def build(name: str, config: CalmConfig) -> torch.nn.Module:
 
 def measure(name: str, config: CalmConfig, args, device: torch.device) -> dict:
     torch.manual_seed(0)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     model = build(name, config).to(device).train()
     if args.compile:
         model.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
@@ -94,7 +101,6 @@ def measure(name: str, config: CalmConfig, args, device: torch.device) -> dict:
     )
     vocab = config.backbone_config.vocab_size
     batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len), device=device) for _ in range(4)]
-    cuda = device.type == "cuda"
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -109,7 +115,6 @@ def measure(name: str, config: CalmConfig, args, device: torch.device) -> dict:
         step(batches[i % len(batches)])
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.steps):
         start = time.perf_counter()
@@ -125,9 +130,12 @@ def measure(name: str, config: CalmConfig, args, device: torch.device) -> dict:
         "median_step_ms": 1000 * median,
         "tokens_per_second": args.batch_size * args.seq_len / median,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
         "final_loss": loss.item(),
     }
-    del model, optimizer, trainable, batches
+    del model, optimizer, trainable, batches, loss
+    # Compiled code and CUDA-graph pools are process-global: drop them so the next model starts from nothing.
+    torch._dynamo.reset()
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -166,14 +174,16 @@ def main():
                 torch.cuda.empty_cache()
 
     print(", ".join(f"{k}={v}" for k, v in environment.items()))
-    print(f"{'model':<6} {'trainable':>11} {'tokens/step':>11} {'step ms':>9} {'tokens/s':>11} {'peak GiB':>9}")
+    print(f"{'model':<6} {'trainable':>11} {'tokens/step':>11} {'step ms':>9} {'tokens/s':>11} {'peak GiB':>9} "
+          f"{'reserved':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['model']:<6} failed: {r['error']}")
             continue
         memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        reserved = f"{r['peak_reserved_gib']:.2f}" if r["peak_reserved_gib"] is not None else "n/a"
         print(f"{r['model']:<6} {r['trainable_parameters'] / 1e6:>10.1f}M {r['tokens_per_step']:>11} "
-              f"{r['median_step_ms']:>9.1f} {r['tokens_per_second']:>11,.0f} {memory:>9}")
+              f"{r['median_step_ms']:>9.1f} {r['tokens_per_second']:>11,.0f} {memory:>9} {reserved:>9}")
     summary = {"environment": environment, "results": results}
     by_name = {r["model"]: r for r in results if "error" not in r}
     if {"calm", "llama"} <= set(by_name):

@@ -52,22 +52,31 @@ def plot_generation(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_real_results(results: dict, path: Path) -> None:
-    """Brier-1 and Brier-2 on the evaluation subset against training FLOPs, CALM vs the Transformer baseline."""
+def plot_real_results(results: dict, path: Path, companions: dict | None = None) -> None:
+    """Brier-1 and Brier-2 on the evaluation subset against training FLOPs: CALM vs the Transformer baseline, plus
+    the CALMs of companion runs (e.g. K = 2) that share the baseline."""
+    runs = [(f"CALM (K={results['setup']['arguments']['patch_size']})", results["calm_training"], "tab:blue", "o-")]
+    styles = iter([("tab:green", "s-"), ("tab:purple", "^-"), ("tab:orange", "v-")])
+    for companion in (companions or {}).values():
+        color, marker = next(styles)
+        label = f"CALM (K={companion['setup']['arguments']['patch_size']})"
+        runs.append((label, companion["calm_training"], color, marker))
+    runs.append(("Transformer baseline", results["baseline_training"], "tab:gray", "o--"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, color in (("calm", "tab:blue"), ("baseline", "tab:gray")):
-        curve = results[f"{name}_training"]["curve"]
+    for label, training, color, style in runs:
+        curve = training["curve"]
         flops = [point["flops"] for point in curve]
         for ax, n in zip(axes, (1, 2)):
-            ax.plot(flops, [100 * point[f"brier_{n}"] for point in curve], "o-", color=color,
-                    label="CALM (K=4)" if name == "calm" else "Transformer baseline")
-            ax.set_xlabel("training FLOPs")
-            ax.set_ylabel(f"Brier-{n} x 100 (eval subset)")
-            ax.grid(alpha=0.3)
+            ax.plot(flops, [100 * point[f"brier_{n}"] for point in curve], style, color=color, label=label)
+    for ax, n in zip(axes, (1, 2)):
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(f"Brier-{n} x 100 (eval subset)")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.grid(alpha=0.3)
     axes[0].legend()
     setup = results["setup"]
-    fig.suptitle(f"Real text, {setup['arguments']['lm_seconds']:.0f} s of training each ({setup['device']})",
-                 fontsize=9)
+    fig.suptitle(f"Real text, {setup['arguments']['lm_seconds']:.0f} s of training each ({setup['device']}, "
+                 f"torch {setup['torch']}, transformers {setup['transformers']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -84,9 +93,13 @@ def main():
         target = figures / f"{source.stem}.png"
         plot_generation(json.loads(source.read_text()), target)
         print(f"wrote {target}")
+    # real_results_X_k2.json (a CALM run that reused the baseline of real_results_X.json) joins X's figure.
     for source in sorted(results.glob("real_results_*.json")):
+        if source.stem.endswith("_k2"):
+            continue
+        companions = {c.stem: json.loads(c.read_text()) for c in results.glob(f"{source.stem}_k*.json")}
         target = figures / f"{source.stem}.png"
-        plot_real_results(json.loads(source.read_text()), target)
+        plot_real_results(json.loads(source.read_text()), target, companions)
         print(f"wrote {target}")
 
 

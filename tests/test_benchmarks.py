@@ -115,9 +115,18 @@ def test_real_results_pipeline_tiny_and_resumable(tmp_path):
     for name in ("calm", "baseline"):
         training = results[f"{name}_training"]
         assert training["steps"] > 0 and training["train_flops"] > 0 and training["curve"]
+        assert training["epochs"] == pytest.approx(training["tokens"] / meta["tokens"])
         assert [s["seed"] for s in results["brier_lm"][name]["per_seed"]] == [0, 1]
         for temperature in (1.0, 0.5, 0.33):
             assert len(results["samples"][f"{name}_T{temperature}"]) == 2
+
+    out = tmp_path / "ngram.json"
+    run_script("benchmarks/real_results/ngram_reference.py", "--data", data, "--block_size", 64, "--json", out,
+               cwd=tmp_path)
+    reference = json.loads(out.read_text())
+    assert reference["positions"] > 0
+    # On this bag-of-words text the bigram model knows no more than the unigram one: similar, positive Brier-1.
+    assert 0 < reference["unigram"]["brier_1"] and 0 < reference["bigram"]["brier_1"]
 
     # A second call resumes: every stage is found done, nothing is retrained.
     stamp = (work / "calm" / "done.json").stat().st_mtime_ns
@@ -125,3 +134,62 @@ def test_real_results_pipeline_tiny_and_resumable(tmp_path):
                         cwd=tmp_path)
     assert stdout.count("already done") == 6
     assert (work / "calm" / "done.json").stat().st_mtime_ns == stamp
+
+
+def _load_ngram_reference():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ngram_reference", ROOT / "benchmarks/real_results/ngram_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ngram_reference_matches_dense_expectation():
+    """The sparse per-row sums give exactly the expected Brier-1/2 computed with dense distribution tables."""
+    import numpy as np
+    import torch
+
+    ngram = _load_ngram_reference()
+    rng = np.random.default_rng(0)
+    vocab, alpha = 7, 0.5
+    def corpus(size):  # skewed, with every third token following its predecessor: bigrams beat unigrams
+        ids = rng.choice(6, size=size, p=[0.4, 0.2, 0.15, 0.1, 0.1, 0.05])
+        ids[1::3] = (ids[0::3][: len(ids[1::3])] + 1) % 6
+        return ids
+
+    train = corpus(600)  # token 6 never occurs in training: smoothing must still give it mass
+    eval_ids = torch.from_numpy(corpus(36).reshape(3, 12))
+    eval_ids[0, 5] = 6
+    labels = eval_ids.clone()
+    labels[2, 9:] = -100
+    result = ngram.ngram_reference(train, {"input_ids": eval_ids, "labels": labels}, vocab, alpha=alpha)
+
+    unigram = (np.bincount(train, minlength=vocab) + 0.1) / (len(train) + 0.1 * vocab)
+    pairs = np.zeros((vocab, vocab))
+    np.add.at(pairs, (train[:-1], train[1:]), 1)
+    bigram = (pairs + alpha * unigram[None, :]) / (pairs.sum(1, keepdims=True) + alpha)
+    assert np.allclose(bigram.sum(1), 1)
+    b1u, b2u, b1b, b2b = [], [], [], []
+    for row in range(3):
+        for t in range(12 - 2):
+            y1, y2 = labels[row, t + 1].item(), labels[row, t + 2].item()
+            if y1 == -100 or y2 == -100:
+                continue
+            a = eval_ids[row, t].item()
+            b1u.append(2 * unigram[y1] - (unigram**2).sum())
+            b2u.append(2 * unigram[y1] * unigram[y2] - (unigram**2).sum() ** 2)
+            joint = bigram[a][:, None] * bigram  # q(b c | a)
+            b1b.append(2 * bigram[a, y1] - (bigram[a] ** 2).sum())
+            b2b.append(2 * joint[y1, y2] - (joint**2).sum())
+    assert result["positions"] == len(b1u) == 3 * 10 - 3
+    assert result["unigram"]["brier_1"] == pytest.approx(np.mean(b1u), rel=1e-9)
+    assert result["unigram"]["brier_2"] == pytest.approx(np.mean(b2u), rel=1e-9)
+    assert result["bigram"]["brier_1"] == pytest.approx(np.mean(b1b), rel=1e-9)
+    assert result["bigram"]["brier_2"] == pytest.approx(np.mean(b2b), rel=1e-9)
+    assert result["bigram"]["brier_1"] > result["unigram"]["brier_1"]  # the structure is learnable
+
+    with pytest.raises(ValueError, match="alpha"):
+        ngram.ngram_reference(train, {"input_ids": eval_ids}, vocab, alpha=0)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        ngram.ngram_reference(train, {"input_ids": eval_ids}, 5)

@@ -186,7 +186,8 @@ def stage_ae(work, args, tokenizer, train_ids):
     model.save_pretrained(work / "ae" / "model")
     tokens = result.global_step * args.ae_batch * args.block_size
     log = [r for r in trainer.state.log_history if "loss" in r]
-    summary = {"steps": result.global_step, "tokens": tokens, "train_seconds": budget.train_time,
+    summary = {"steps": result.global_step, "tokens": tokens, "epochs": tokens / len(train_ids),
+               "train_seconds": budget.train_time,
                "tokens_per_second": tokens / budget.train_time, "final_loss": log[-1]["loss"] if log else None,
                "parameters": sum(p.numel() for p in model.parameters()), "log": log}
     write_json(work / "ae" / "done.json", summary)
@@ -263,7 +264,8 @@ def _train_lm(work, name, model, args, train_ids, eval_blocks, flops_per_token):
     median_step = float(np.median(budget.step_times[10:] or budget.step_times))
     log = [r for r in trainer.state.log_history if "loss" in r]
     summary = {
-        "steps": result.global_step, "tokens": tokens, "train_seconds": budget.train_time,
+        "steps": result.global_step, "tokens": tokens, "epochs": tokens / len(train_ids),
+        "train_seconds": budget.train_time,
         "tokens_per_second": tokens_per_step / median_step, "flops_per_token": flops_per_token,
         "train_flops": tokens * flops_per_token,
         "parameters": sum(p.numel() for p in model.parameters()),
