@@ -5,7 +5,12 @@ autoencoder (`CalmTrainer`); reports the autoencoder's token accuracy and the CA
 prints samples at T = 1 and T = 0.5, writes a Hub-ready folder (model, tokenizer, model card; the autoencoder
 in `autoencoder/`) and reloads it with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
 
-    python examples/quickstart.py                                   # the CPU defaults (600 + 600 steps)
+Measured with the defaults on a 2-core CPU (2026-11-23, torch 2.13.0, transformers 5.23.0): 5.6 minutes in all;
+held-out autoencoder token accuracy 99.7 % (90 % with noise of std 0.3 on the latents); the CALM, after 1,000
+steps on 0.47M tokens, is still at Brier-1 0.007 and BrierLM 0, and its samples are barely words: the run shows the
+whole workflow, not a useful model (see docs/RESULTS.md for GPU runs).
+
+    python examples/quickstart.py                                   # CPU defaults: preset small, 1000 + 1000 steps
     python examples/quickstart.py --max_steps 20                    # a smoke run
     python examples/quickstart.py --train_file my.jsonl --preset calm-m --device cuda --max_steps 5000
 """
@@ -45,11 +50,11 @@ HELD_OUT_EVERY = 20  # every 20th document is evaluation text
 @dataclass
 class QuickstartArguments:
     train_file: str | None = field(default=None, metadata={"help": "Your own .txt/.jsonl text instead of Python's."})
-    preset: str = field(default="tiny", metadata={"help": "tiny | calm-m | calm-l | calm-xl, or a JSON path."})
+    preset: str = field(default="small", metadata={"help": "small | tiny | calm-m | calm-l | calm-xl, or a JSON path."})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda (bf16 mixed precision)."})
     output_dir: str = field(default="runs/quickstart", metadata={"help": "Where the Hub-ready folder goes."})
-    max_steps: int | None = field(default=None, metadata={"help": "Training steps per stage (default 600 / 600)."})
-    vocab_size: int = field(default=2048, metadata={"help": "Size of the BPE vocabulary to train."})
+    max_steps: int = field(default=1000, metadata={"help": "Training steps of each stage (autoencoder, CALM)."})
+    vocab_size: int = field(default=1024, metadata={"help": "Size of the BPE vocabulary to train."})
     block_size: int = field(default=256, metadata={"help": "Tokens per training/evaluation block."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and sampling."})
 
@@ -98,11 +103,13 @@ def token_accuracy(autoencoder, blocks: torch.Tensor, **forward_kwargs) -> float
     return float(sum(correct) / len(blocks))
 
 
-def generate(model, tokenizer, prompt: str, **kwargs) -> str:
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
+    """All prompts in one batched call: left padding with an attention mask, one seed for the whole batch."""
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     output = model.generate(**inputs, max_new_tokens=32, seed=0, **kwargs)
-    text = tokenizer.decode(output[0], skip_special_tokens=True)
-    return repr(text[:100])  # repr: one line, with the newlines visible
+    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
+    return [repr(text[:100]) for text in texts]  # repr: one line, with the newlines visible
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def training_args(stage: str, steps: int, batch_size: int) -> TrainingArguments:
         return TrainingArguments(
-            output_dir=str(out / "training" / stage), max_steps=args.max_steps or steps, learning_rate=3e-3,
-            warmup_steps=min(20, (args.max_steps or steps) // 10), lr_scheduler_type="cosine", weight_decay=0.1,
+            output_dir=str(out / "training" / stage), max_steps=steps, learning_rate=3e-3,
+            warmup_steps=min(20, steps // 10), lr_scheduler_type="cosine", weight_decay=0.1,
             adam_beta2=0.95, per_device_train_batch_size=batch_size, logging_steps=50, save_strategy="no",
             report_to="none", seed=args.seed, use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0,
         )
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset = [{"input_ids": block} for block in train_blocks]
     collator = CalmDataCollator(tokenizer.pad_token_id, patch_size=k)
     print(f"autoencoder: {autoencoder.num_parameters() / 1e6:.2f}M parameters, K={k}, Z={autoencoder.config.latent_size}")
-    CalmAutoencoderTrainer(model=autoencoder, args=training_args("autoencoder", 600, 16), train_dataset=train_dataset,
+    CalmAutoencoderTrainer(model=autoencoder, args=training_args("autoencoder", args.max_steps, 16), train_dataset=train_dataset,
                            data_collator=collator).train()
     autoencoder.eval()
     accuracy = {"mean": token_accuracy(autoencoder, eval_blocks, sample_latents=False),
@@ -162,16 +169,17 @@ def main(argv: list[str] | None = None) -> None:
     model = CalmForCausalLM.from_autoencoder(autoencoder, backbone_config=backbone, **head, **specials)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"CALM: {trainable / 1e6:.2f}M trainable parameters (autoencoder frozen), {model.config.head_type} head")
-    CalmTrainer(model=model, args=training_args("calm", 600, 16), train_dataset=train_dataset,
+    CalmTrainer(model=model, args=training_args("calm", args.max_steps, 16), train_dataset=train_dataset,
                 data_collator=collator).train()
     model.eval()
 
     # 4. BrierLM on the held-out text, and samples.
     brier = evaluate_brier(model, eval_blocks, batch_size=16, seeds=(0, 1, 2))
-    samples = {t: [generate(model, tokenizer, p, temperature=t, num_candidates=200) for p in PROMPTS] for t in (1.0, 0.5)}
+    samples = {t: generate(model, tokenizer, PROMPTS, temperature=t, num_candidates=200) for t in (1.0, 0.5)}
 
     # 5. A Hub-ready folder: model, code, tokenizer and card; the autoencoder with its own card in autoencoder/.
-    data = dict(dataset_name=source, split="held-out")
+    data = dict(dataset=Path(args.train_file).stem if args.train_file else "python-docs", dataset_name=source,
+                split="held-out (every 20th document)")
     tokenizer_name = f"byte-level BPE ({len(tokenizer)} tokens) trained on the same text"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     # 6. Reload the folder as any Hub user would, and generate from it.
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).to(model.device)
     reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
-    reloaded_text = generate(reloaded, reloaded_tokenizer, PROMPTS[0], temperature=0.5, num_candidates=200)
+    reloaded_text = generate(reloaded, reloaded_tokenizer, PROMPTS, temperature=0.5, num_candidates=200)[0]
 
     mean, std = brier["mean"], brier["std"]
     rows = [

@@ -135,6 +135,16 @@ def test_real_results_pipeline_tiny_and_resumable(tmp_path):
     assert stdout.count("already done") == 6
     assert (work / "calm" / "done.json").stat().st_mtime_ns == stamp
 
+    # A K = 2 CALM sharing the finished baseline: it is linked, not retrained, and scored next to the new CALM.
+    work_k2 = tmp_path / "work_k2"
+    run_script("benchmarks/real_results/pipeline.py", "--data", data, "--work", work_k2, "--tiny",
+               "--patch_size", "2", "--reuse_baseline", work, "--stages", "ae", "calm", "baseline", "eval", cwd=tmp_path)
+    results_k2 = json.loads((work_k2 / "results.json").read_text())
+    assert (work_k2 / "baseline").resolve() == (work / "baseline").resolve()
+    assert "baseline_training" not in results_k2 and set(results_k2["brier_lm"]) == {"calm", "baseline"}
+    assert results_k2["brier_lm"]["baseline"]["mean"] == results["brier_lm"]["baseline"]["mean"]
+    assert results_k2["setup"]["arguments"]["patch_size"] == 2
+
 
 def _load_ngram_reference():
     import importlib.util

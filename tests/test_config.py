@@ -88,3 +88,7 @@ def test_autoencoder_and_tiny_presets_load():
     tiny = CalmConfig.from_json_file(PRESETS / "tiny.json")
     assert tiny.hidden_size <= 64 and tiny.backbone_config.num_hidden_layers <= 2
     CalmForCausalLM(tiny)  # builds
+    small = CalmConfig.from_json_file(PRESETS / "small.json")  # the quickstart's CPU model
+    assert small.latent_size == small.autoencoder_config.latent_size == 32 and small.patch_size == 4
+    assert small.hidden_size == small.autoencoder_config.hidden_size == 128
+    assert 1e6 < CalmForCausalLM(small).num_parameters() < 1e7

@@ -10,6 +10,9 @@ Stages (each resumable: a finished stage leaves `WORK/<stage>/done.json` and is 
   eval      BrierLM of both final models on the whole evaluation text over --seeds
   samples   continuations of evaluation prompts at T = 1, 0.5, 0.33 from both models
 
+A second CALM (e.g. K = 2) can share a finished run's baseline: `--patch_size 2 --reuse_baseline WORK_OF_K4`
+links that baseline into the new WORK folder and skips its training.
+
 All figures land in WORK/results.json. The run is designed for the GPU machine (no `datasets` needed: the training
 corpus arrives as the uint16 array written by prepare_data.py), and runs on a CPU with --tiny in a minute.
 
@@ -375,6 +378,9 @@ def main():
     parser.add_argument("--num_prompts", type=int, default=4)
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--reuse_baseline", default=None, metavar="WORK",
+                        help="use the finished baseline of another run's WORK folder (e.g. for a K = 2 CALM: "
+                             "same backbone, tokenizer and data, so the Transformer need not be trained again)")
     args = parser.parse_args()
     if args.tiny:
         args.block_size, args.ae_hidden, args.ae_intermediate, args.latent_size = 64, 32, 64, 16
@@ -387,6 +393,19 @@ def main():
 
     data, work = Path(args.data), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.reuse_baseline is not None:
+        source = Path(args.reuse_baseline).resolve() / "baseline"
+        if not (source / "done.json").exists() or not (source / "model").is_dir():
+            raise ValueError(f"--reuse_baseline {args.reuse_baseline!r} holds no finished baseline "
+                             f"({source}/done.json and model/ are needed).")
+        target = work / "baseline"
+        if target.is_symlink() and target.resolve() != source:
+            target.unlink()
+        if not target.exists():
+            target.symlink_to(source, target_is_directory=True)
+        elif target.resolve() != source:
+            raise ValueError(f"{target} exists and is not the baseline of {args.reuse_baseline!r}; remove it first.")
+        args.stages = [stage for stage in args.stages if stage != "baseline"]
     tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
     train_ids = np.load(data / "train_ids.npy", mmap_mode="r")
     if args.tiny:
