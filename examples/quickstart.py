@@ -5,7 +5,7 @@ autoencoder (`CalmTrainer`); reports the autoencoder's token accuracy and the CA
 prints samples at T = 1 and T = 0.5, writes a Hub-ready folder (model, tokenizer, model card; the autoencoder
 in `autoencoder/`) and reloads it with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`.
 
-Measured with the defaults on a 2-core CPU (2026-11-23, torch 2.13.0, transformers 5.23.0): 5.6 minutes in all;
+Measured with the defaults on a 2-core CPU (2026-11-23, torch 2.13.0, transformers 5.23.0): 5 to 6 minutes in all;
 held-out autoencoder token accuracy 99.7 % (90 % with noise of std 0.3 on the latents); the CALM, after 1,000
 steps on 0.47M tokens, is still at Brier-1 0.007 and BrierLM 0, and its samples are barely words: the run shows the
 whole workflow, not a useful model (see docs/RESULTS.md for GPU runs).
