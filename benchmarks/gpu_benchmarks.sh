@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Both GPU benchmarks of the project, one after the other on an otherwise idle GPU (the figures in
+# The project's GPU benchmarks, one after the other on an otherwise idle GPU (the figures in
 # docs/RESULTS.md). Results and logs go to the folder given as the first argument (default bench_results/).
 #   bash benchmarks/gpu_benchmarks.sh bench_results
 set -u
@@ -16,4 +16,6 @@ python3 benchmarks/bench_generate.py --output "$out/bench_generate.json" > "$out
 python3 benchmarks/bench_train.py --json "$out/bench_train.json" > "$out/bench_train.log" 2>&1
 python3 benchmarks/bench_train.py --compile-mode reduce-overhead --json "$out/bench_train_cudagraphs.json" \
     > "$out/bench_train_cudagraphs.log" 2>&1
+python3 benchmarks/bench_trainer.py --compile-mode reduce-overhead --json "$out/bench_trainer_cudagraphs.json" \
+    > "$out/bench_trainer_cudagraphs.log" 2>&1
 date -u +%Y-%m-%dT%H:%M:%SZ > "$out/finished.txt"

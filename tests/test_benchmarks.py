@@ -85,6 +85,20 @@ def test_bench_train_tiny(tmp_path):
     )
 
 
+def test_bench_trainer_tiny(tmp_path):
+    """The CalmTrainer benchmark runs from a bare checkout and records the energy loss's terms as the Trainer
+    logged them (loss = 2 * fidelity - diversity at every logged step)."""
+    out = tmp_path / "trainer.json"
+    run_script("benchmarks/bench_trainer.py", "--tiny", "--compile-mode", "none", "--warmup", "1", "--steps", "3",
+               "--json", out, cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["tokens_per_step"] == 2 * 256 and result["tokens_per_second"] > 0
+    assert result["environment"]["compile_mode"] == "none" and result["trainable_parameters"] > 0
+    assert [entry["step"] for entry in result["logged"]] == [1, 2, 3, 4]
+    for entry in result["logged"]:
+        assert entry["loss"] == pytest.approx(2 * entry["fidelity"] - entry["diversity"], rel=1e-4, abs=1e-5)
+
+
 WORDS = "the a of river city was born in and to film album song team war king church station school is".split()
 
 
