@@ -116,9 +116,14 @@ def test_real_results_pipeline_tiny_and_resumable(tmp_path):
     train_bpe_tokenizer(corpus, vocab_size=300, min_frequency=2, output_dir=tmp_path / "tokenizer")
     data, work = tmp_path / "data", tmp_path / "work"
     run_script("benchmarks/real_results/prepare_data.py", "--train_file", corpus, "--tokenizer",
-               tmp_path / "tokenizer", "--eval_file", eval_file, "--output_dir", data, cwd=tmp_path)
+               tmp_path / "tokenizer", "--eval_file", eval_file, "--output_dir", data, "--holdout_every", "10",
+               cwd=tmp_path)
     meta = json.loads((data / "data.json").read_text())
-    assert meta["documents"] == 400 and meta["tokens"] > 400 and (data / "train_ids.npy").exists()
+    assert meta["documents"] == 360 and meta["heldout_documents"] == 40 and (data / "train_ids.npy").exists()
+    heldout = [json.loads(line)["text"] for line in (data / "heldout.jsonl").read_text().splitlines()]
+    documents = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert heldout == documents[9::10]  # every 10th document, kept out of training
+    assert meta["tokens"] > 360
 
     run_script("benchmarks/real_results/pipeline.py", "--data", data, "--work", work, "--tiny", cwd=tmp_path)
     results = json.loads((work / "results.json").read_text())
@@ -131,6 +136,7 @@ def test_real_results_pipeline_tiny_and_resumable(tmp_path):
         assert training["steps"] > 0 and training["train_flops"] > 0 and training["curve"]
         assert training["epochs"] == pytest.approx(training["tokens"] / meta["tokens"])
         assert [s["seed"] for s in results["brier_lm"][name]["per_seed"]] == [0, 1]
+        assert [s["seed"] for s in results["brier_lm_heldout"][name]["per_seed"]] == [0, 1]
         for temperature in (1.0, 0.5, 0.33):
             assert len(results["samples"][f"{name}_T{temperature}"]) == 2
 
@@ -146,7 +152,7 @@ def test_real_results_pipeline_tiny_and_resumable(tmp_path):
     stamp = (work / "calm" / "done.json").stat().st_mtime_ns
     stdout = run_script("benchmarks/real_results/pipeline.py", "--data", data, "--work", work, "--tiny",
                         cwd=tmp_path)
-    assert stdout.count("already done") == 6
+    assert stdout.count("already done") == 7
     assert (work / "calm" / "done.json").stat().st_mtime_ns == stamp
 
     # A K = 2 CALM sharing the finished baseline: it is linked, not retrained, and scored next to the new CALM.

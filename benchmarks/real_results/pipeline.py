@@ -8,6 +8,8 @@ Stages (each resumable: a finished stage leaves `WORK/<stage>/done.json` and is 
             --curve_every seconds of training time (the compute curve)
   baseline  the same for a LlamaForCausalLM with the same backbone config, tokenizer and data
   eval      BrierLM of both final models on the whole evaluation text over --seeds
+  eval_heldout  the same on in-domain held-out text (DATA/heldout.jsonl, written by prepare_data.py
+            --holdout_every N); skipped when there is none
   samples   continuations of evaluation prompts at T = 1, 0.5, 0.33 from both models
 
 A second CALM (e.g. K = 2) can share a finished run's baseline: `--patch_size 2 --reuse_baseline WORK_OF_K4`
@@ -49,7 +51,7 @@ from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalL
 from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks  # noqa: E402
 
 
-STAGES = ("ae", "ae_eval", "calm", "baseline", "eval", "samples")
+STAGES = ("ae", "ae_eval", "calm", "baseline", "eval", "eval_heldout", "samples")
 NOISE_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5)
 TEMPERATURES = (1.0, 0.5, 0.33)
 
@@ -311,7 +313,7 @@ def load_lm(work, name, args):
     return cls.from_pretrained(work / name / "model", dtype=dtype).to(args.device).eval()
 
 
-def stage_eval(work, args, tokenizer, eval_blocks):
+def stage_eval(work, args, tokenizer, eval_blocks, stage="eval", key="brier_lm"):
     results = {}
     for name in ("calm", "baseline"):
         model = load_lm(work, name, args)
@@ -319,9 +321,10 @@ def stage_eval(work, args, tokenizer, eval_blocks):
         result = evaluate_brier(model, eval_blocks, batch_size=args.eval_batch, seeds=tuple(args.seeds), progress=False)
         result["seconds"] = time.perf_counter() - start
         results[name] = result
-        print(f"[eval] {name}: BrierLM {result['mean']['brier_lm']:.2f} +- {result['std']['brier_lm']:.2f}", flush=True)
-    write_json(work / "eval" / "done.json", results)
-    update_results(work, "brier_lm", results)
+        print(f"[{stage}] {name}: BrierLM {result['mean']['brier_lm']:.2f} +- {result['std']['brier_lm']:.2f}, "
+              f"Brier-1 {result['mean']['brier_1']:.4f}", flush=True)
+    write_json(work / stage / "done.json", results)
+    update_results(work, key, results)
 
 
 @torch.no_grad()
@@ -433,6 +436,16 @@ def main():
             stage_baseline(work, args, tokenizer, train_ids, eval_blocks)
         elif stage == "eval":
             stage_eval(work, args, tokenizer, eval_blocks)
+        elif stage == "eval_heldout":
+            heldout = data / "heldout.jsonl"
+            if not heldout.exists():
+                print("[eval_heldout] no heldout.jsonl in the data folder: skipped", flush=True)
+                continue
+            heldout_blocks = load_text_blocks(str(heldout), tokenizer, args.eval_block_size,
+                                              multiple_of=args.patch_size)
+            if args.tiny:
+                heldout_blocks = {k: v[:4] for k, v in heldout_blocks.items()}
+            stage_eval(work, args, tokenizer, heldout_blocks, stage="eval_heldout", key="brier_lm_heldout")
         elif stage == "samples":
             stage_samples(work, args, tokenizer, eval_blocks)
         print(f"[{stage}] done in {time.perf_counter() - start:.0f}s", flush=True)

@@ -30,6 +30,9 @@ def main():
     parser.add_argument("--eval_file", required=True)
     parser.add_argument("--output_dir", default=".gpu")
     parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--holdout_every", type=int, default=0,
+                        help="every N-th document goes to heldout.jsonl (in-domain evaluation text) instead of "
+                             "training; 0: none")
     args = parser.parse_args()
 
     out = Path(args.output_dir)
@@ -37,17 +40,25 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if len(tokenizer) > np.iinfo(np.uint16).max:
         raise ValueError(f"vocabulary of {len(tokenizer)} does not fit uint16")
-    chunks, batch, documents = [], [], 0
+    if args.holdout_every < 0 or args.holdout_every == 1:
+        raise ValueError(f"--holdout_every must be 0 (none) or >= 2, got {args.holdout_every}.")
+    chunks, batch, documents, heldout = [], [], 0, []
     bos = tokenizer.bos_token_id
 
     def flush():
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             chunks.append(np.asarray([bos] + ids, dtype=np.uint16))  # BOS starts every document
 
+    seen = 0
     for text in tqdm(iter_texts(args.train_file), desc="tokenising"):
-        if text:
-            batch.append(text)
-            documents += 1
+        if not text:
+            continue
+        seen += 1
+        if args.holdout_every and seen % args.holdout_every == 0:
+            heldout.append(text)
+            continue
+        batch.append(text)
+        documents += 1
         if len(batch) == args.batch_size:
             flush()
             batch = []
@@ -57,8 +68,14 @@ def main():
     np.save(out / "train_ids.npy", ids)
     tokenizer.save_pretrained(out / "tokenizer")
     shutil.copy(args.eval_file, out / "eval.jsonl")
+    heldout_path = out / "heldout.jsonl"
+    if heldout:
+        heldout_path.write_text("".join(json.dumps({"text": text}) + "\n" for text in heldout))
+    elif heldout_path.exists():
+        heldout_path.unlink()  # a previous run's held-out text would no longer be held out
     meta = {"documents": documents, "tokens": int(ids.size), "train_file": Path(args.train_file).name,
-            "eval_file": Path(args.eval_file).name, "vocab_size": len(tokenizer)}
+            "eval_file": Path(args.eval_file).name, "vocab_size": len(tokenizer),
+            "heldout_documents": len(heldout)}
     (out / "data.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta, indent=2))
 
