@@ -52,28 +52,45 @@ TARGET_SPEEDUP = 2.5
 TARGET_MEMORY_GIB = 8.4
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# (tiny, full) defaults of the step's size, shared with bench_trainer.py.
+SIZE_DEFAULTS = dict(batch_size=(2, 4), seq_len=(256, 2048), warmup=(3, 10), steps=(5, 30))
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset, --tiny, --batch_size, --seq_len, --warmup, --steps, --json (resolved by `resolve_sizes`)."""
     parser.add_argument("--preset", default=str(REPO_ROOT / "configuration" / "calm-m.json"))
     parser.add_argument("--tiny", action="store_true", help="configuration/tiny.json, 2 x 256 tokens (CPU test)")
     parser.add_argument("--batch_size", type=int, default=None, help="sequences per step (default 4; tiny 2)")
     parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 2048; tiny 256)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10; tiny 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30; tiny 5)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile both models (default: on CUDA)")
-    parser.add_argument("--compile-mode", default="default",
-                        help="torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: CALM's training step is "
-                        "one graph with static shapes), 'max-autotune', 'max-autotune-no-cudagraphs'")
-    parser.add_argument("--models", default="calm,llama", help="comma-separated subset of calm,llama")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args()
+
+
+def resolve_sizes(args: argparse.Namespace) -> None:
+    """Fills the defaults (tiny or full) and rejects sizes no step can have."""
     if args.tiny:
         args.preset = str(REPO_ROOT / "configuration" / "tiny.json")
-    defaults = dict(batch_size=(2, 4), seq_len=(256, 2048), warmup=(3, 10), steps=(5, 30))
-    for name, (tiny, full) in defaults.items():
+    for name, (tiny, full) in SIZE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else full)
+        least = 0 if name == "warmup" else 1
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} must be >= {least}, got {getattr(args, name)}.")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_arguments(parser)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile both models (default: on CUDA)")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile mode; reduce-overhead = CUDA graphs (CALM's training step is one graph "
+                        "with static shapes)")
+    parser.add_argument("--models", default="calm,llama", help="comma-separated subset of calm,llama")
+    args = parser.parse_args()
+    resolve_sizes(args)
     if args.compile is None:
         args.compile = torch.cuda.is_available()
     return args

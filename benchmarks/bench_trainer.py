@@ -28,13 +28,11 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # run from a checkout without installing the package; bench_train
 
+from bench_train import COMPILE_MODES, GIB, add_size_arguments, resolve_sizes  # noqa: E402
 from modeling_calm import CalmConfig, CalmForCausalLM, CalmTrainer  # noqa: E402
-
-
-GIB = 2**30
 
 
 class RandomBlocks(torch.utils.data.Dataset):
@@ -66,25 +64,11 @@ class StepTimer(TrainerCallback):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=str(REPO_ROOT / "configuration" / "calm-m.json"))
-    parser.add_argument("--tiny", action="store_true", help="configuration/tiny.json, 2 x 256 tokens (CPU check)")
-    parser.add_argument("--batch_size", type=int, default=None, help="sequences per step (default 4; tiny 2)")
-    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 2048; tiny 256)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10; tiny 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30; tiny 4)")
-    parser.add_argument("--compile-mode", default="reduce-overhead",
-                        choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-                        help="torch_compile_mode of TrainingArguments; none: no compilation (the CPU default)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
+    add_size_arguments(parser)
+    parser.add_argument("--compile-mode", default="reduce-overhead", choices=("none", *COMPILE_MODES),
+                        help="torch_compile_mode of TrainingArguments; none: no compilation")
     args = parser.parse_args(argv)
-    if args.tiny:
-        args.preset = str(REPO_ROOT / "configuration" / "tiny.json")
-    defaults = (2, 256, 2, 4) if args.tiny else (4, 2048, 10, 30)
-    for name, value in zip(("batch_size", "seq_len", "warmup", "steps"), defaults):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            raise ValueError(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}.")
+    resolve_sizes(args)
     return args
 
 

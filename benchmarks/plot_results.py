@@ -5,6 +5,7 @@
 """
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -18,23 +19,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _finish(fig, title: str, environment: dict, path: Path) -> None:
+    """Suptitle with the machine and versions, then write and close the figure."""
+    fig.suptitle(f"{title} ({environment['device']}, torch {environment['torch']}, "
+                 f"transformers {environment['transformers']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_generation(report: dict, path: Path) -> None:
     """Tokens/s of every configuration, grouped by batch size (log scale)."""
     rows = report["results"]
-    labels = []
-    for row in rows:
-        temperature = f" T={row['temperature']}" if row["temperature"] is not None else ""
-        label = f"{row['model']}{temperature}"
-        if label not in labels:
-            labels.append(label)
+
+    def label(row):
+        return row["model"] + (f" T={row['temperature']}" if row["temperature"] is not None else "")
+
+    labels = list(dict.fromkeys(label(row) for row in rows))  # first-seen order
+    speed = {(label(row), row["batch_size"]): row["tokens_per_second"] for row in rows}
     batches = sorted({row["batch_size"] for row in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
     for ax, batch in zip(axes[0], batches):
-        values = []
-        for label in labels:
-            match = [r for r in rows if r["batch_size"] == batch and
-                     f"{r['model']}{' T=' + str(r['temperature']) if r['temperature'] is not None else ''}" == label]
-            values.append(match[0]["tokens_per_second"] if match else 0)
+        values = [speed.get((name, batch), 0) for name in labels]
         colors = ["tab:blue" if label.startswith("CALM") else "tab:gray" for label in labels]
         bars = ax.barh(labels, values, color=colors)
         ax.set_xscale("log")
@@ -44,19 +50,15 @@ def plot_generation(report: dict, path: Path) -> None:
         for bar, value in zip(bars, values):
             ax.text(value, bar.get_y() + bar.get_height() / 2, f" {value:,.0f}", va="center", fontsize=8)
         ax.invert_yaxis()
-    env = report["environment"]
-    fig.suptitle(f"Generation, CALM-M shape vs same-backbone Llama, 64-token prompts, 512 new tokens "
-                 f"({env['device']}, torch {env['torch']}, transformers {env['transformers']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, "Generation, CALM-M shape vs same-backbone Llama, 64-token prompts, 512 new tokens",
+            report["environment"], path)
 
 
 def plot_real_results(results: dict, path: Path, companions: dict | None = None) -> None:
     """Brier-1 and Brier-2 on the evaluation subset against training FLOPs: CALM vs the Transformer baseline, plus
     the CALMs of companion runs (e.g. K = 2) that share the baseline."""
     runs = [(f"CALM (K={results['setup']['arguments']['patch_size']})", results["calm_training"], "tab:blue", "o-")]
-    styles = iter([("tab:green", "s-"), ("tab:purple", "^-"), ("tab:orange", "v-")])
+    styles = itertools.cycle([("tab:green", "s-"), ("tab:purple", "^-"), ("tab:orange", "v-")])
     for companion in (companions or {}).values():
         color, marker = next(styles)
         label = f"CALM (K={companion['setup']['arguments']['patch_size']})"
@@ -75,11 +77,7 @@ def plot_real_results(results: dict, path: Path, companions: dict | None = None)
         ax.grid(alpha=0.3)
     axes[0].legend()
     setup = results["setup"]
-    fig.suptitle(f"Real text, {setup['arguments']['lm_seconds']:.0f} s of training each ({setup['device']}, "
-                 f"torch {setup['torch']}, transformers {setup['transformers']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, f"Real text, {setup['arguments']['lm_seconds']:.0f} s of training each", setup, path)
 
 
 def main():

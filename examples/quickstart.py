@@ -105,8 +105,7 @@ def token_accuracy(autoencoder, blocks: torch.Tensor, **forward_kwargs) -> float
 
 def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
     """All prompts in one batched call: left padding with an attention mask, one seed for the whole batch."""
-    tokenizer.padding_side = "left"
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     output = model.generate(**inputs, max_new_tokens=32, seed=0, **kwargs)
     texts = tokenizer.batch_decode(output, skip_special_tokens=True)
     return [repr(text[:100]) for text in texts]  # repr: one line, with the newlines visible
@@ -114,6 +113,8 @@ def generate(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args, = HfArgumentParser(QuickstartArguments).parse_args_into_dataclasses(args=argv)
+    if args.max_steps < 1:
+        raise ValueError(f"--max_steps must be >= 1 (training steps of each stage), got {args.max_steps}.")
     start, out = time.time(), Path(args.output_dir)
     torch.manual_seed(args.seed)
 
@@ -125,8 +126,13 @@ def main(argv: list[str] | None = None) -> None:
         source = Path(args.train_file).name
     else:
         texts, source = builtin_corpus(), "Python's documentation (pydoc topics and standard-library docstrings)"
+    if len(texts) < HELD_OUT_EVERY:
+        raise ValueError(
+            f"{source} has {len(texts)} non-empty documents; the quickstart holds out every {HELD_OUT_EVERY}th "
+            f"for evaluation, so it needs at least {HELD_OUT_EVERY} (lines of a .txt, records of a .jsonl)."
+        )
     held_out = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
-    train_texts = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1] or held_out
+    train_texts = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     tokenizer = train_bpe_tokenizer(iter(train_texts), vocab_size=args.vocab_size)
     train_blocks, eval_blocks = pack(tokenizer, train_texts, args.block_size), pack(tokenizer, held_out, args.block_size)
     if len(train_blocks) == 0 or len(eval_blocks) == 0:
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     ae_values = {k: v for k, v in preset["autoencoder_config"].items() if k != "model_type"}
     autoencoder = CalmAutoencoder(CalmAutoencoderConfig(**{**ae_values, "vocab_size": len(tokenizer), **specials}))
     k = autoencoder.config.patch_size
+    if args.block_size % k:
+        raise ValueError(f"--block_size {args.block_size} must be a multiple of the preset's K={k} (whole chunks).")
     cuda = args.device == "cuda"
 
     def training_args(stage: str, steps: int, batch_size: int) -> TrainingArguments:

@@ -223,3 +223,20 @@ def test_ngram_reference_matches_dense_expectation():
         ngram.ngram_reference(train, {"input_ids": eval_ids}, vocab, alpha=0)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         ngram.ngram_reference(train, {"input_ids": eval_ids}, 5)
+
+
+@pytest.mark.parametrize("every", ["1", "-3"])
+def test_prepare_data_rejects_a_bad_holdout_rate(tmp_path, every):
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(WORDS[i:] + WORDS[:i])}) + "\n" for i in range(20)))
+    train_bpe_tokenizer(corpus, vocab_size=300, min_frequency=1, output_dir=tmp_path / "tokenizer")
+    code = _BARE_CHECKOUT_RUNNER.format(root=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "benchmarks/real_results/prepare_data.py"), "--train_file", corpus,
+         "--tokenizer", tmp_path / "tokenizer", "--eval_file", corpus, "--output_dir", tmp_path / "data",
+         "--holdout_every", every],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode != 0
+    assert f"ValueError: --holdout_every must be 0 (none) or >= 2, got {every}" in result.stderr
+    assert not (tmp_path / "data" / "train_ids.npy").exists()

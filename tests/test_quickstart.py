@@ -54,3 +54,20 @@ def test_quickstart_rejects_an_empty_train_file(tmp_path):
     result = run_quickstart(tmp_path, "--max_steps", "2", "--train_file", str(empty))
     assert result.returncode != 0
     assert "ValueError" in result.stderr and "empty.txt" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "lines, args, message",
+    [
+        (400, ("--max_steps", "0"), "--max_steps must be >= 1"),
+        (400, ("--block_size", "30"), "must be a multiple of the preset's K=4"),
+        (19, (), "has 19 non-empty documents"),
+    ],
+)
+def test_quickstart_rejects_bad_sizes(tmp_path, lines, args, message):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i} of a corpus says that chunk {i % 7} follows chunk {i % 5}." for i in range(lines)))
+    result = run_quickstart(tmp_path, "--train_file", str(text), "--vocab_size", "300", *args)
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and message in result.stderr
+    assert not (tmp_path / "out" / "config.json").exists()  # nothing half-written

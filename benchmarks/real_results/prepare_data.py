@@ -34,14 +34,14 @@ def main():
                         help="every N-th document goes to heldout.jsonl (in-domain evaluation text) instead of "
                              "training; 0: none")
     args = parser.parse_args()
+    if args.holdout_every < 0 or args.holdout_every == 1:
+        raise ValueError(f"--holdout_every must be 0 (none) or >= 2, got {args.holdout_every}.")
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if len(tokenizer) > np.iinfo(np.uint16).max:
         raise ValueError(f"vocabulary of {len(tokenizer)} does not fit uint16")
-    if args.holdout_every < 0 or args.holdout_every == 1:
-        raise ValueError(f"--holdout_every must be 0 (none) or >= 2, got {args.holdout_every}.")
     chunks, batch, documents, heldout = [], [], 0, []
     bos = tokenizer.bos_token_id
 
