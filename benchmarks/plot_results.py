@@ -64,7 +64,8 @@ def plot_real_results(results: dict, path: Path, companions: dict | None = None)
         label = f"CALM (K={companion['setup']['arguments']['patch_size']})"
         runs.append((label, companion["calm_training"], color, marker))
     runs.append(("Transformer baseline", results["baseline_training"], "tab:gray", "o--"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    heldout = results.get("brier_lm_heldout")  # in-domain held-out text: a third panel of bars
+    fig, axes = plt.subplots(1, 3 if heldout else 2, figsize=(16.5 if heldout else 11, 4))
     for label, training, color, style in runs:
         curve = training["curve"]
         flops = [point["flops"] for point in curve]
@@ -76,8 +77,32 @@ def plot_real_results(results: dict, path: Path, companions: dict | None = None)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    if heldout:
+        _plot_heldout_bars(axes[2], heldout, {"calm": runs[0][0], "baseline": "Transformer baseline"},
+                           {"calm": runs[0][2], "baseline": "tab:gray"})
     setup = results["setup"]
     _finish(fig, f"Real text, {setup['arguments']['lm_seconds']:.0f} s of training each", setup, path)
+
+
+def _plot_heldout_bars(ax, heldout: dict, labels: dict, colors: dict) -> None:
+    """Brier-1..4 x 100 (mean and std over seeds) of each model on the in-domain held-out text."""
+    names = [name for name in labels if name in heldout]
+    width = 0.8 / len(names)
+    positive = all(heldout[name]["mean"][f"brier_{n}"] > 0 for name in names for n in range(1, 5))
+    for i, name in enumerate(names):
+        mean, std = heldout[name]["mean"], heldout[name]["std"]
+        positions = [n - 1 + (i - (len(names) - 1) / 2) * width for n in range(1, 5)]
+        values = [100 * mean[f"brier_{n}"] for n in range(1, 5)]
+        ax.bar(positions, values, width, yerr=[100 * std[f"brier_{n}"] for n in range(1, 5)], color=colors[name],
+               label=f"{labels[name]}: BrierLM {mean['brier_lm']:.2f}")
+    ax.set_xticks(range(4), [f"Brier-{n}" for n in range(1, 5)])
+    if positive:  # the 4-gram scores are small: a log scale shows all four
+        ax.set_yscale("log")
+    else:
+        ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("x 100, in-domain held-out text" + (" (log scale)" if positive else ""))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
 
 
 def main():

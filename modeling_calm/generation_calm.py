@@ -601,6 +601,12 @@ class CalmGenerationMixin:
         use_compile = bool(use_compile) and not exact and not getattr(self, "_calm_compile_failed", False)
 
         if use_compile:
+            if settings["calm_compile"] is None:  # chosen for the caller: say what the first call costs
+                logger.warning_once(
+                    "CALM compiles its decoding step on CUDA (torch.compile, CUDA graphs) for each new batch size, "
+                    "length and temperature: such a first call takes from tens of seconds to about two minutes, "
+                    "later ones are fast. For a few one-off generations pass calm_compile=False (eager decoding)."
+                )
             state = rng.get_state()
             try:
                 result = self._calm_decode(plan, compiled=settings["calm_compile_mode"], static=True)

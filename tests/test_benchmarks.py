@@ -5,6 +5,7 @@ A run on the H100 once failed at its first import because a script relied on the
 tests catch that class of fault (and broken arguments, JSON fields, resumption) before device time is spent."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -147,6 +148,14 @@ def test_real_results_pipeline_tiny_and_resumable(tmp_path):
     assert reference["positions"] > 0
     # On this bag-of-words text the bigram model knows no more than the unigram one: similar, positive Brier-1.
     assert 0 < reference["unigram"]["brier_1"] and 0 < reference["bigram"]["brier_1"]
+    # The in-domain held-out text (every 10th document) is scored instead: other text, another number of positions.
+    run_script("benchmarks/real_results/ngram_reference.py", "--data", data, "--block_size", 64, "--json", out,
+               "--eval_file", "heldout.jsonl", cwd=tmp_path)
+    heldout_reference = json.loads(out.read_text())
+    assert 0 < heldout_reference["positions"] != reference["positions"]
+    with pytest.raises(AssertionError, match="ValueError: --eval_file 'nothing.jsonl': no such file"):
+        run_script("benchmarks/real_results/ngram_reference.py", "--data", data, "--eval_file", "nothing.jsonl",
+                   cwd=tmp_path)
 
     # A second call resumes: every stage is found done, nothing is retrained.
     stamp = (work / "calm" / "done.json").stat().st_mtime_ns
@@ -240,3 +249,30 @@ def test_prepare_data_rejects_a_bad_holdout_rate(tmp_path, every):
     assert result.returncode != 0
     assert f"ValueError: --holdout_every must be 0 (none) or >= 2, got {every}" in result.stderr
     assert not (tmp_path / "data" / "train_ids.npy").exists()
+
+
+def test_gpu_examples_script_on_the_cpu(tmp_path):
+    """benchmarks/gpu_examples.sh with GPU=0: tokenizer, autoencoder and CALM examples, then loading the CALM with
+    AutoModelForCausalLM and sampling it at two temperatures (the script puts the checkout on PYTHONPATH, as the GPU
+    machine, where the package is not installed, needs)."""
+    rng = random.Random(1)
+    corpus = tmp_path / "text.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))}) + "\n"
+        for _ in range(400)
+    ))
+    out = tmp_path / "out"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(GPU="0", PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_examples.sh"), "text.jsonl", "out", "4"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:] + "".join(
+        f"\n--- {log.name}\n{log.read_text()[-2000:]}" for log in out.glob("*.log"))
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"tokenizer_s", "autoencoder_s", "calm_s", "load_and_generate_s", "total_s"}
+    generated = (out / "load_and_generate.log").read_text()
+    assert "CalmForCausalLM" in generated and "T=1.0: 'The history of the city" in generated
+    assert "T=0.5: 'The history of the city" in generated
+    assert "eval_brier_lm" in (out / "train_calm.log").read_text()
+    assert "brier_lm" in (out / "calm_card.md").read_text() and (out / "autoencoder_card.md").exists()
+    assert (out / "work" / "calm" / "model.safetensors").exists()

@@ -451,6 +451,41 @@ def run_example(name: str, args: list[str], folder: Path, recording_hub: bool = 
     return result.stdout
 
 
+def test_examples_run_as_two_processes_under_torchrun(corpus_and_tokenizer, tmp_path):
+    """Both training examples as `torchrun --nproc_per_node 2 ... --use_cpu true --ddp_backend gloo` (the multi-GPU
+    command with CPU processes): tokenising once under main_process_first, DDP training, evaluation, one model card
+    and a Hub-ready folder written by the main process."""
+    folder, corpus = corpus_and_tokenizer
+    common = ["--preset", "tiny", "--recipe", "tiny", "--train_file", str(corpus), "--max_steps", "2",
+              "--block_size", "32", "--per_device_train_batch_size", "2", "--eval_steps", "2", "--save_steps", "2",
+              "--validation_blocks", "4", "--disable_tqdm", "true", "--use_cpu", "true", "--ddp_backend", "gloo"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")}
+
+    def torchrun(name, args):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(REPO_ROOT / "examples" / f"{name}.py"), *common, *args]
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    ae_dir, calm_dir = tmp_path / "autoencoder", tmp_path / "calm"
+    stdout = torchrun("train_autoencoder", ["--tokenizer", str(folder / "tokenizer"), "--output_dir", str(ae_dir)])
+    assert "2 process(es)" in stdout
+    assert "eval_accuracy" in json.loads((ae_dir / "eval_results.json").read_text())
+    stdout = torchrun("train_calm", ["--autoencoder", str(ae_dir), "--output_dir", str(calm_dir)])
+    assert "2 process(es)" in stdout
+    state = json.loads((calm_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["train_batch_size"] == 2  # per process; 2 processes
+    metrics = json.loads((calm_dir / "eval_results.json").read_text())
+    assert {"eval_loss", "eval_brier_lm"} <= set(metrics)
+    assert ModelCard.load(calm_dir / "README.md").data.eval_results[0].metric_type == "brier_lm"
+    model = AutoModelForCausalLM.from_pretrained(calm_dir, trust_remote_code=True)
+    autoencoder = CalmAutoencoder.from_pretrained(ae_dir)
+    for name, tensor in autoencoder.state_dict().items():  # stage 2 left the autoencoder untouched
+        torch.testing.assert_close(model.autoencoder.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 def test_examples_train_an_autoencoder_then_a_calm_on_it(corpus_and_tokenizer):
     folder, corpus = corpus_and_tokenizer
     common = ["--preset", "tiny", "--recipe", "tiny", "--train_file", str(corpus), "--max_steps", "3",

@@ -7,6 +7,7 @@ q(b | a) = (c(a, b) + alpha q(b)) / (c(a) + alpha); Brier-2 chains it: q(y1 y2 |
 Runs on a CPU in a few seconds (numpy only), from the folder prepare_data.py writes:
 
     python benchmarks/real_results/ngram_reference.py --data .gpu --json ngram_reference.json
+    python benchmarks/real_results/ngram_reference.py --data .gpuh --eval_file heldout.jsonl   # in-domain text
 """
 
 import argparse
@@ -85,12 +86,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=".gpu", help="the folder prepare_data.py wrote")
     parser.add_argument("--block_size", type=int, default=1024, help="evaluation blocks (as pipeline.py)")
+    parser.add_argument("--eval_file", default="eval.jsonl",
+                        help="evaluation text in the data folder: eval.jsonl (WikiText-103) or heldout.jsonl")
     parser.add_argument("--alpha", type=float, default=1.0, help="bigram interpolation weight of the unigram")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     data = Path(args.data)
     tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
-    eval_blocks = load_text_blocks(str(data / "eval.jsonl"), tokenizer, args.block_size)
+    eval_file = data / args.eval_file
+    if not eval_file.is_file():
+        raise ValueError(f"--eval_file {args.eval_file!r}: no such file in {data} (prepare_data.py writes eval.jsonl, "
+                         "and heldout.jsonl with --holdout_every).")
+    eval_blocks = load_text_blocks(str(eval_file), tokenizer, args.block_size)
     results = ngram_reference(np.load(data / "train_ids.npy", mmap_mode="r"), eval_blocks, len(tokenizer), args.alpha)
     for name in ("unigram", "bigram"):
         r = results[name]
