@@ -103,13 +103,18 @@ def test_bench_trainer_tiny(tmp_path):
 WORDS = "the a of river city was born in and to film album song team war king church station school is".split()
 
 
+def write_word_corpus(path: Path, rng: random.Random, documents: int = 400) -> Path:
+    """A JSONL corpus of `documents` texts of 20 to 200 words drawn from WORDS."""
+    path.write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))}) + "\n"
+        for _ in range(documents)
+    ))
+    return path
+
+
 def test_real_results_pipeline_tiny_and_resumable(tmp_path):
     rng = random.Random(0)
-    corpus = tmp_path / "train.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))}) + "\n"
-        for _ in range(400)
-    ))
+    corpus = write_word_corpus(tmp_path / "train.jsonl", rng)
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(
         json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(300))}) + "\n" for _ in range(4)
@@ -255,12 +260,7 @@ def test_gpu_examples_script_on_the_cpu(tmp_path):
     """benchmarks/gpu_examples.sh with GPU=0: tokenizer, autoencoder and CALM examples, then loading the CALM with
     AutoModelForCausalLM and sampling it at two temperatures (the script puts the checkout on PYTHONPATH, as the GPU
     machine, where the package is not installed, needs)."""
-    rng = random.Random(1)
-    corpus = tmp_path / "text.jsonl"
-    corpus.write_text("".join(
-        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))}) + "\n"
-        for _ in range(400)
-    ))
+    write_word_corpus(tmp_path / "text.jsonl", random.Random(1))
     out = tmp_path / "out"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(GPU="0", PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
