@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import TrainerCallback, TrainingArguments
 
 
@@ -106,7 +107,7 @@ def main(argv=None):
         "environment": {
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
+            "transformers": transformers.__version__,
             "preset": Path(args.preset).name, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "warmup": args.warmup, "steps": args.steps, "compile_mode": args.compile_mode,
             "precision": "bf16 mixed precision (TrainingArguments(bf16=True))" if cuda else "fp32",

@@ -6,11 +6,17 @@
 #   bash benchmarks/gpu_examples.sh TEXT.jsonl OUT_DIR [STEPS]
 # On a CPU the same script runs the tiny presets (the tests use that): GPU=0 bash benchmarks/gpu_examples.sh ...
 set -euo pipefail
+usage="usage: [GPU=0|1] [PYTHON=python3] [WORK=DIR] bash benchmarks/gpu_examples.sh TEXT.jsonl OUT_DIR [STEPS]"
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then echo "$usage" >&2; exit 2; fi
+if [ ! -f "$1" ]; then echo "TEXT.jsonl '$1' is not a file; $usage" >&2; exit 2; fi
+if ! [[ "${3:-300}" =~ ^[1-9][0-9]*$ ]]; then echo "STEPS must be a whole number >= 1, got '$3'" >&2; exit 2; fi
+if [ "${GPU:-1}" != 0 ] && [ "${GPU:-1}" != 1 ]; then echo "GPU must be 0 (CPU, tiny presets) or 1, got '$GPU'" >&2; exit 2; fi
 text=$(realpath -m "$1")
 out=$(realpath -m "$2")
 steps=${3:-300}
 work=$(realpath -m "${WORK:-$out/work}")
 mkdir -p "$out" "$work"
+trap 'echo "gpu_examples.sh: a step failed (line $LINENO); its log is the newest file in $out" >&2' ERR
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package from this checkout, installed or not

@@ -45,8 +45,15 @@ def main():
     # One lazy stream over all files: the held-out texts are taken off its front, training reads the rest.
     texts = iter_texts(args.train_file, text_column=args.text_column)
     heldout = [text for text in itertools.islice(texts, args.num_heldout) if text]
+    first = next(texts, None)  # is anything left to train on?
+    if first is None:
+        raise ValueError(
+            f"{args.train_file} hold(s) only {len(heldout)} non-empty text(s), all taken as held-out "
+            f"(--num_heldout {args.num_heldout} leading texts): none is left to train on. Give more text or a "
+            "smaller --num_heldout."
+        )
     tokenizer = train_bpe_tokenizer(
-        texts,
+        itertools.chain([first], texts),
         vocab_size=args.vocab_size,
         min_frequency=args.min_frequency,
         output_dir=args.output_dir,

@@ -276,3 +276,18 @@ def test_gpu_examples_script_on_the_cpu(tmp_path):
     assert "eval_brier_lm" in (out / "train_calm.log").read_text()
     assert "brier_lm" in (out / "calm_card.md").read_text() and (out / "autoencoder_card.md").exists()
     assert (out / "work" / "calm" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ([], {}, "usage:"),
+    (["missing.jsonl", "out"], {}, "'missing.jsonl' is not a file"),
+    (["text.jsonl", "out", "0"], {}, "STEPS must be a whole number >= 1, got '0'"),
+    (["text.jsonl", "out", "ten"], {}, "STEPS must be a whole number >= 1, got 'ten'"),
+    (["text.jsonl", "out"], {"GPU": "yes"}, "GPU must be 0 (CPU, tiny presets) or 1, got 'yes'"),
+])
+def test_gpu_examples_script_rejects_bad_arguments(tmp_path, args, env, message):
+    (tmp_path / "text.jsonl").write_text('{"text": "a"}\n')
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_examples.sh"), *args], cwd=tmp_path,
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written

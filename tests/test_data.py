@@ -355,3 +355,14 @@ def test_train_tokenizer_example_script(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "compression" in result.stdout and "lossless" in result.stdout
     assert (out / "tokenizer.json").is_file()
+    # A file with no more texts than --num_heldout leaves nothing to train on: a clear error, no tokenizer written.
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(make_docs(3, seed=4)) + "\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "train_tokenizer.py"), "--train_file", str(short),
+         "--num_heldout", "5", "--output_dir", str(tmp_path / "tok_short")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and "only 3 non-empty text(s)" in result.stderr
+    assert "none is left to train on" in result.stderr and not (tmp_path / "tok_short").exists()

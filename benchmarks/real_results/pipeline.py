@@ -413,10 +413,12 @@ def main():
     train_ids = np.load(data / "train_ids.npy", mmap_mode="r")
     if args.tiny:
         train_ids = np.asarray(train_ids[:200_000])
-    eval_blocks = load_text_blocks(str(data / "eval.jsonl"), tokenizer, args.eval_block_size,
-                                   multiple_of=args.patch_size)
-    if args.tiny:
-        eval_blocks = {k: v[:4] for k, v in eval_blocks.items()}
+
+    def load_eval_blocks(path: Path) -> dict:  # WikiText-103 or the in-domain held-out text, blocks of whole chunks
+        blocks = load_text_blocks(str(path), tokenizer, args.eval_block_size, multiple_of=args.patch_size)
+        return {k: v[:4] for k, v in blocks.items()} if args.tiny else blocks
+
+    eval_blocks = load_eval_blocks(data / "eval.jsonl")
     update_results(work, "setup", {**environment(), **json.loads((data / "data.json").read_text()),
                                    "arguments": {k: v for k, v in vars(args).items()},
                                    "eval_blocks": int(eval_blocks["input_ids"].shape[0])})
@@ -441,11 +443,7 @@ def main():
             if not heldout.exists():
                 print("[eval_heldout] no heldout.jsonl in the data folder: skipped", flush=True)
                 continue
-            heldout_blocks = load_text_blocks(str(heldout), tokenizer, args.eval_block_size,
-                                              multiple_of=args.patch_size)
-            if args.tiny:
-                heldout_blocks = {k: v[:4] for k, v in heldout_blocks.items()}
-            stage_eval(work, args, tokenizer, heldout_blocks, stage="eval_heldout", key="brier_lm_heldout")
+            stage_eval(work, args, tokenizer, load_eval_blocks(heldout), stage="eval_heldout", key="brier_lm_heldout")
         elif stage == "samples":
             stage_samples(work, args, tokenizer, eval_blocks)
         print(f"[{stage}] done in {time.perf_counter() - start:.0f}s", flush=True)
