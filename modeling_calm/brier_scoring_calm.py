@@ -46,6 +46,7 @@ import math
 
 import torch
 
+from .modeling_calm_compat import output_cache
 from .brier_calm import BRIER_LM_MAX_N, _check_max_n, brier_indicators
 
 
@@ -192,9 +193,9 @@ def sample_brier_continuations(
     samples[:, :positions, :, :k] = tokens
     if steps == 1:
         return samples
-    cache = out.past_key_values
+    cache = output_cache(out)
     if cache is None:
-        raise ValueError("The backbone returned no past_key_values; the fast CALM Brier sampler needs a KV cache.")
+        raise ValueError("The backbone returned no KV cache; the fast CALM Brier sampler needs a KV cache.")
 
     rows = NUM_BRIER_SAMPLES * positions  # continuation rows per block, row r = 2 i + s
     dtype = out.last_hidden_state.dtype
@@ -213,10 +214,10 @@ def sample_brier_continuations(
             inputs_embeds=embeds,
             attention_mask=additive[None, None].expand(batch, 1, -1, -1),  # [B, 1, 2P, L + 2P * step]
             position_ids=(row_positions + step)[None].expand(batch, -1),  # continuation chunk of row (i, s) at i + step
-            past_key_values=cache,
             use_cache=True,
+            **{model._cache_kwarg: cache},
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         hidden = out.last_hidden_state.view(batch, positions, NUM_BRIER_SAMPLES, -1)  # [B, P, 2, D]
         tokens = _sample_chunks(model, hidden, noise[:, :positions, :, step])  # [B, P, 2, K]
         samples[:, :positions, :, step * k : (step + 1) * k] = tokens

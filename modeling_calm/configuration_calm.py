@@ -173,7 +173,7 @@ class CalmConfig(PretrainedConfig):
     model_type = "calm"
     sub_configs = {"autoencoder_config": CalmAutoencoderConfig, "backbone_config": AutoConfig}
     # The Trainer's default prediction_step must not gather the KV cache (HF_NOTES.md section 4).
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the KV cache under both names (5.24 renamed it)
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from modeling_calm.modeling_calm_compat import cache_kwargs, output_cache
 from modeling_calm.brier_calm import BRIER_LM_MAX_N, BrierAccumulator, _check_max_n, brier_indicators
 
 
@@ -206,9 +207,9 @@ def sample_continuations(
     # One CDF per position serves both samples: uniforms [B, P, 2] -> tokens [B, P, 2].
     samples[..., 0] = _sample_from_logits(logits, noise[..., 0])
     kept = [logits[:, :, None].expand(-1, -1, NUM_SAMPLES, -1).float()] if return_logits else []
-    cache = out.past_key_values
+    cache = output_cache(out)
     if max_n > 1 and cache is None:
-        raise ValueError("The model returned no past_key_values; the fast Brier sampler needs use_cache=True.")
+        raise ValueError("The model returned no KV cache; the fast Brier sampler needs use_cache=True.")
 
     rows = NUM_SAMPLES * num_positions  # continuation rows per block, row r = 2 t + s
     dtype = _model_dtype(model, out.logits.dtype)
@@ -227,10 +228,10 @@ def sample_continuations(
             input_ids=samples[..., step - 1].reshape(batch, rows),  # token step-1 of every continuation [B, 2P]
             attention_mask=additive[:, None],  # [B, 1, 2P, T + 2P * step]
             position_ids=row_positions + step,  # continuation token j sits at pos(t) + 1 + j
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         step_logits = out.logits.reshape(batch, num_positions, NUM_SAMPLES, -1)  # [B, P, 2, V]
         samples[..., step] = _sample_from_logits(step_logits, noise[..., step, None])[..., 0]
         if return_logits:

@@ -357,8 +357,8 @@ class CalmGenerationMixin:
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kwarg: cache},
         )
         return out.last_hidden_state[:, -1]
 
@@ -681,8 +681,8 @@ class CalmGenerationMixin:
             inputs_embeds=self.embed_chunks(chunk_ids),
             attention_mask=mask_at(prompt_chunks),
             position_ids=prompt_positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kwarg: cache},
         )
         hidden = out.last_hidden_state[:, -1].contiguous()  # [B, D]: every row's last real chunk (right-aligned)
 

@@ -26,6 +26,7 @@ from .brier_scoring_calm import score_calm_brier
 from .configuration_calm import CalmConfig
 from .generation_calm import CalmGenerationMixin
 from .modeling_calm_autoencoder import CalmAutoencoder, _init_calm_module
+from .modeling_calm_compat import OUTPUT_CACHE_FIELD, backbone_cache_kwarg, output_cache, with_cache_field
 from .modeling_calm_heads import CALM_HEADS
 
 
@@ -34,6 +35,7 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
+@with_cache_field
 class CalmCausalLMOutput(ModelOutput):
     """Output of :meth:`CalmForCausalLM.forward`.
 
@@ -43,7 +45,8 @@ class CalmCausalLMOutput(ModelOutput):
         diversity: mean of `E||x - x'||^beta` (energy head; logged).
         brier: `[min(K, 4)]` Brier-1.. estimates from the first two head samples (eval mode, labels given).
         last_hidden_state: `[B, L, D]` backbone output.
-        past_key_values: the backbone's cache when `use_cache`.
+        past_key_values: the backbone's cache when `use_cache` (the field is named `cache` on transformers
+            releases whose outputs use that name; `out.past_key_values` works on every release).
         hidden_states, attentions: the backbone's, when asked for.
     """
 
@@ -86,6 +89,12 @@ class CalmPreTrainedModel(PreTrainedModel):
     # (a `**kwargs` forward would otherwise make it pass `num_items_in_batch` and skip that; HF_NOTES.md s.4).
     accepts_loss_kwargs = False
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # The name PEFT reads when wrapping a model; transformers 5.24 deprecates it (FutureWarning) in favour of
+        # `is_activation_checkpointing`. The same test as transformers', without the warning, on every release.
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, CalmAutoencoder):
             return  # the autoencoder's own post_init initialised it (and it is loaded from a checkpoint anyway)
@@ -99,6 +108,9 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         super().__init__(config)
         self.autoencoder = CalmAutoencoder(config.autoencoder_config)
         self.model = AutoModel.from_config(config.backbone_config)
+        # The keyword the backbone takes for its KV cache (renamed in transformers 5.24): decided once, here, so a
+        # backbone with neither name fails at construction instead of inside a forward.
+        self._cache_kwarg = backbone_cache_kwarg(self.model)
         self.chunk_proj = CalmChunkProjection(config)
         self.head = CALM_HEADS[config.head_type](config)
         # Only classes this instance contains: FSDP's default wrap policy (accelerate) rejects names it cannot find,
@@ -213,6 +225,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         noise: torch.Tensor | None = None,
         target_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CalmCausalLMOutput:
         r"""Run the backbone over chunks and, with labels, compute the head loss over next-chunk targets.
@@ -229,7 +242,12 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
                 N the valid target positions in (batch, step) order. For reproducibility and parity tests.
             target_noise: explicit eps of the target samples (energy head `[M, N, Z]`; flow head `[N, Z]`).
             generator: torch.Generator for every random draw of the call.
+            cache: the same as `past_key_values` (the name transformers uses from 5.24); pass one of the two.
         """
+        if cache is not None:
+            if past_key_values is not None:
+                raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+            past_key_values = cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if inputs_embeds is None:
@@ -256,11 +274,11 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
             inputs_embeds=inputs_embeds,
             attention_mask=chunk_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache if use_cache is not None else False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **{self._cache_kwarg: past_key_values},
         )
         hidden = outputs.last_hidden_state  # [B, L, D]
 
@@ -275,9 +293,9 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
             diversity=diversity,
             brier=brier,
             last_hidden_state=hidden,
-            past_key_values=outputs.past_key_values if use_cache else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{OUTPUT_CACHE_FIELD: output_cache(outputs) if use_cache else None},
         )
 
     # ----------------------------------------------------------------------------------------------------------

@@ -58,15 +58,24 @@ sys.meta_path.insert(0, _PackageAbsent())
 """
 
 
-def run_without_package(script: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300) -> str:
-    """Run `script` in a fresh interpreter where `modeling_calm` cannot be imported; return its stdout.
+def other_test_pythons() -> list[str]:
+    """Interpreters of the other CI venvs (`CALM_TEST_PYTHONS`, separated by os.pathsep): `.ci/run` builds one venv
+    at the newest allowed versions and one at the lower bounds, and each suite also loads models in the other."""
+    return [p for p in os.environ.get("CALM_TEST_PYTHONS", "").split(os.pathsep) if p and Path(p).exists()
+            and Path(p).resolve() != Path(sys.executable).resolve()]
+
+
+def run_without_package(script: str, cwd: Path, env_extra: dict | None = None, timeout: int = 300,
+                        python: str | None = None) -> str:
+    """Run `script` in a fresh interpreter (this one, or `python`) where `modeling_calm` cannot be imported; return
+    its stdout.
 
     stdin is closed (empty), so an interactive prompt (transformers' "[y/N]" for remote code) fails at once instead
     of waiting for a terminal."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(env_extra or {})
     code = _WITHOUT_PACKAGE + textwrap.dedent(script)
-    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+    result = subprocess.run([python or sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -18,6 +18,7 @@ SHIPPED_CALM_FILES = {
     "generation_calm.py",
     "modeling_calm.py",
     "modeling_calm_autoencoder.py",
+    "modeling_calm_compat.py",
     "modeling_calm_heads.py",
     "sampling_calm.py",
 }
@@ -58,7 +59,7 @@ def test_shipped_files_import_only_stdlib_torch_and_transformers():
     package = Path(__file__).resolve().parents[1] / "modeling_calm"
     allowed = {
         "torch", "transformers", "math", "dataclasses", "__future__", "copy", "inspect", "warnings", "typing",
-        "numbers", "collections",
+        "numbers", "collections", "functools",
     }
     for name in SHIPPED_CALM_FILES:
         for line in (package / name).read_text().splitlines():

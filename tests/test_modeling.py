@@ -165,8 +165,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(ids, labels=ids, noise=noise, target_noise=eps).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.model.gradient_checkpointing
+    # transformers 5.24 renamed the method (the old name warns); 5.17 has only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.gradient_checkpointing and model.is_gradient_checkpointing
     model(ids, labels=ids, noise=noise, target_noise=eps).loss.backward()
     for name, grad in reference.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
