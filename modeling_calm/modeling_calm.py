@@ -162,6 +162,53 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         model.to(next(autoencoder.parameters()).dtype)
         return model
 
+    @classmethod
+    def from_causal_lm(
+        cls, model_or_path, autoencoder: CalmAutoencoder | str, **calm_kwargs
+    ) -> CalmForCausalLM:
+        """Upcycle a trained causal LM: a new CALM whose backbone is copied from it.
+
+        The decoder layers, the final norm, the rotary settings and the token embedding (which the input
+        compression reads) come from `model_or_path` (a transformers causal LM instance, or a path / Hub id loaded
+        with `AutoModelForCausalLM`, any decoder family `AutoModel` can build). Its softmax head is dropped; the
+        input compression and the generative head are newly initialised; the autoencoder (an instance or a path /
+        Hub id) is copied in and frozen. `calm_kwargs` go to `CalmConfig` (head size, `num_samples`, ...).
+
+        The autoencoder must speak the donor's vocabulary: a different `vocab_size` is refused.
+
+        Example:
+            >>> calm = CalmForCausalLM.from_causal_lm("my-org/llama-small", autoencoder="my-org/calm-ae-k4")
+        """
+        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+            from transformers import AutoModelForCausalLM
+
+            model_or_path = AutoModelForCausalLM.from_pretrained(model_or_path)
+        if not isinstance(model_or_path, PreTrainedModel):
+            raise ValueError(
+                f"`model_or_path` must be a transformers causal LM or a path / Hub id of one, got {type(model_or_path)}."
+            )
+        if isinstance(autoencoder, (str, bytes)) or hasattr(autoencoder, "__fspath__"):
+            autoencoder = CalmAutoencoder.from_pretrained(autoencoder)
+        donor_config = model_or_path.config.get_text_config()
+        donor_vocab, ae_vocab = donor_config.vocab_size, autoencoder.config.vocab_size
+        if donor_vocab != ae_vocab:
+            raise ValueError(
+                f"The causal LM's vocab_size ({donor_vocab}) must equal the autoencoder's ({ae_vocab}): the CALM feeds "
+                "the autoencoder's decoded tokens to the copied token embedding. Train the autoencoder with the "
+                "donor's tokenizer."
+            )
+        donor = getattr(model_or_path, model_or_path.base_model_prefix, None)
+        if donor is None or donor is model_or_path:
+            raise ValueError(f"{type(model_or_path).__name__} has no decoder under `{model_or_path.base_model_prefix}`.")
+        backbone = donor_config.to_dict()
+        for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+            backbone.pop(key, None)
+        if "backbone_config" in calm_kwargs:
+            raise ValueError("`from_causal_lm` takes the backbone's config from the causal LM: do not pass `backbone_config`.")
+        model = cls.from_autoencoder(autoencoder, backbone_config=backbone, **calm_kwargs)
+        model.model.load_state_dict(donor.state_dict(), strict=True)  # every tensor, or a clear error
+        return model.to(model_or_path.dtype)
+
     # ----------------------------------------------------------------------------------------------------------
     # Embeddings
     # ----------------------------------------------------------------------------------------------------------
