@@ -337,6 +337,11 @@ class CalmTrainer(_CalmStatsTrainer):
             are used; a `compute_metrics` of yours receives rows `[weight, fidelity, diversity, brier_1..brier_4]`
             per example (NaN where a value does not exist).
         eval_brier (`bool`, *optional*, defaults to `True`): estimate Brier-n and BrierLM during evaluation.
+        on_nonfinite (`str`, *optional*, defaults to `"raise"`): on a non-finite loss, gradient or updated weight:
+            `"raise"` a `FloatingPointError` naming the optimizer step (before that update), `"stop"` training with a
+            logged error, or `"skip"` the update with a warning. The steps met are in `trainer.nonfinite_steps`.
+        resume_without_optimizer (`bool`, *optional*, defaults to `False`): allow resuming from a checkpoint that
+            lacks `optimizer.pt` / `scheduler.pt` (both then restart, with a warning); refused otherwise.
     """
 
     train_term_names = ("fidelity", "diversity")
@@ -401,6 +406,11 @@ class CalmAutoencoderTrainer(_CalmStatsTrainer):
     Args:
         *args, **kwargs: as for `transformers.Trainer`.
         latent_noise_stds (sequence of `float`, *optional*, defaults to `(0.3,)`): extra latent noise levels.
+        on_nonfinite (`str`, *optional*, defaults to `"raise"`): on a non-finite loss, gradient or updated weight:
+            `"raise"` a `FloatingPointError` naming the optimizer step (before that update), `"stop"` training with a
+            logged error, or `"skip"` the update with a warning. The steps met are in `trainer.nonfinite_steps`.
+        resume_without_optimizer (`bool`, *optional*, defaults to `False`): allow resuming from a checkpoint that
+            lacks `optimizer.pt` / `scheduler.pt` (both then restart, with a warning); refused otherwise.
     """
 
     train_term_names = ("reconstruction_loss", "kl", "accuracy")
