@@ -18,7 +18,7 @@ The key maps are data: ordered `{regex: replacement}` tables matched in full aga
 wins, `None` meaning "dropped on purpose" (with the reason in `DROP_REASONS`). The conversion is strict: every
 source key is renamed or explicitly dropped, every renamed key must exist in the target model with the same shape,
 and every target weight must come from the checkpoint (tied weights excepted); anything else is a `ValueError`
-naming the keys.
+naming the keys. Every tensor read, and every converted tensor (after the dtype cast), must be finite.
 
 A tool, not shipped to the Hub: it may import safetensors and the package. `converted_folder.py` writes the result.
 """
@@ -185,6 +185,16 @@ def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def check_finite(named_tensors, source: str) -> None:
+    """Every floating tensor must be finite: a `ValueError` naming (up to 10 of) those holding NaN or infinity."""
+    bad = [name for name, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(
+            f"{source} holds non-finite values (NaN or infinity) in {len(bad)} tensor(s): {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}. Refusing to convert a diverged or corrupted checkpoint."
+        )
+
+
 def load_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     """All tensors of a checkpoint folder: single or sharded `.safetensors` or `pytorch_model.bin`.
 
@@ -199,7 +209,9 @@ def load_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[P
         raise ValueError(f"No weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}.")
     path = folder / name
     if not name.endswith(".index.json"):
-        return _load_weight_file(path), [path]
+        state = _load_weight_file(path)
+        check_finite(state.items(), f"Checkpoint {path}")
+        return state, [path]
 
     weight_map = read_json(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -219,6 +231,7 @@ def load_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[P
                 f"Shard {shard_path} does not hold what {path} lists: missing {sorted(expected - set(tensors))}, "
                 f"unlisted {sorted(set(tensors) - expected)}."
             )
+        check_finite(tensors.items(), f"Checkpoint shard {shard_path}")
         state.update(tensors)
         files.append(shard_path)
     return state, files
@@ -568,6 +581,7 @@ def convert_autoencoder(
     tied = check_against_target(renamed, origin, unmatched, model)
     _load_into(model, renamed, tied)
     model.to(torch_dtype).eval()
+    check_finite(model.state_dict().items(), f"The converted model ({dtype})")
     report = ConversionReport(
         source_files=[str(f) for f in files], source_keys=len(state), mapped=len(renamed), dropped=dropped,
         tied=tied, dtype=dtype, parameters=_parameter_counts(model),
@@ -664,6 +678,7 @@ def convert_calm(
     tied = check_against_target(renamed, origin, unmatched, model)
     _load_into(model, renamed, tied)
     model.to(torch_dtype).eval()
+    check_finite(model.state_dict().items(), f"The converted model ({dtype})")
     if unused_layers:
         notes.append(f"odd autoencoder layer counts: dropped the unused layer index {unused_layers}")
 

@@ -12,7 +12,10 @@ Real checkpoint (see conversion/README.md for the downloads):
         --autoencoder_repo cccczshao/CALM-Autoencoder
 
 The output folder loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`; the run ends by
-doing exactly that and checking that the reloaded model reproduces the converted one.
+doing exactly that and checking that the reloaded model reproduces the converted one. Every input path is checked
+before any work; the folder is written next to --output under a temporary name and moved into place only after
+every check passed, so a failure leaves nothing behind; a non-empty --output is replaced only with --overwrite, and
+never when it is (or holds) an input.
 """
 
 import argparse
@@ -23,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from conversion.calm_conversion import convert_calm  # noqa: E402
-from conversion.converted_folder import push_folder_to_hub, save_converted, verify_saved  # noqa: E402
+from conversion.converted_folder import check_paths, push_folder_to_hub, write_verified  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -32,6 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--autoencoder", required=True,
                         help="the authors' autoencoder folder (config.json, and weights if the CALM lacks a copy)")
     parser.add_argument("--output", required=True, help="folder to write the converted model to")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output folder (only once the new folder passed every check)")
     parser.add_argument("--tokenizer", help="local tokenizer folder (Llama-3); [PAD] is added if missing")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--license", default="mit", help="license field of the model card (check the source's!)")
@@ -42,13 +47,17 @@ def main(argv=None) -> None:
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the verified folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     args = parser.parse_args(argv)
+    try:
+        inputs = {"--calm": args.calm, "--autoencoder": args.autoencoder, "--tokenizer": args.tokenizer}
+        check_paths(inputs, args.output, args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
 
     model, report = convert_calm(args.calm, args.autoencoder, args.dtype, args.allow_autoencoder_mismatch)
-    save_converted(
-        model, args.output, report, tokenizer_dir=args.tokenizer, license=args.license,
+    write_verified(
+        model, args.output, report, overwrite=args.overwrite, tokenizer_dir=args.tokenizer, license=args.license,
         source_repo=args.source_repo, autoencoder_repo=args.autoencoder_repo, repo_id=args.push_to_hub,
     )
-    report.check = verify_saved(model, args.output)
     print(report.format())
     print(f"saved to {args.output}")
     if args.push_to_hub:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -183,6 +186,65 @@ def verify_saved(model: CalmForCausalLM | CalmAutoencoder, output_dir: str | Pat
     if bad:
         raise ValueError(f"The reloaded folder {output_dir} does not reproduce the converted model: {bad}.")
     return diffs
+
+
+def check_paths(inputs: dict[str, str | Path | None], output: str | Path, overwrite: bool = False) -> Path:
+    """Check a conversion's paths before any work: every given input is an existing folder, the output is none of
+    them (nor a folder holding one), and an existing output folder is empty unless `overwrite`.
+
+    Args:
+        inputs: option name (e.g. "--calm") -> folder, None for an option not given.
+    Returns:
+        The resolved output path.
+    """
+    resolved = {}
+    for name, folder in inputs.items():
+        if folder is None:
+            continue
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"{name} {str(folder)!r} is not an existing folder.")
+        resolved[name] = path.resolve()
+    target = Path(output).expanduser().resolve()
+    for name, path in resolved.items():
+        if target == path or target in path.parents:
+            raise ValueError(f"--output {str(output)!r} is (or holds) the input folder {name} {str(path)!r}: writing "
+                             "there would destroy the source. Choose another --output.")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--output {str(output)!r} exists and is not a folder.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"--output {str(output)!r} is a non-empty folder: pass --overwrite to replace it (its "
+                         "current content is replaced only after the new folder passed every check).")
+    return target
+
+
+def write_verified(model: CalmForCausalLM | CalmAutoencoder, output_dir: str | Path, report: ConversionReport,
+                   overwrite: bool = False, **save_kwargs) -> Path:
+    """`save_converted` + `verify_saved` into a temporary folder next to `output_dir`, moved into place only when
+    both passed (then `report.check` holds the reload check). On any failure nothing is left behind and an existing
+    `output_dir` is untouched; with `overwrite`, an existing `output_dir` is replaced as a whole (no stale files)."""
+    target = Path(output_dir).expanduser().resolve()
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{str(output_dir)!r} exists and is not empty: pass overwrite=True to replace it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+    try:
+        # The staged folder has the target's own name: the remote-code module the reload check imports is named
+        # after it, as it will be for the user.
+        folder = save_converted(model, staging / target.name, report, **save_kwargs)
+        report.check = verify_saved(model, folder)
+        previous = staging / "previous"
+        if target.exists():
+            os.replace(target, previous)
+        try:
+            os.replace(folder, target)
+        except OSError:
+            if previous.exists():
+                os.replace(previous, target)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def push_folder_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:

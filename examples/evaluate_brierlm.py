@@ -1,6 +1,7 @@
 """Score a CALM or any transformers causal LM with BrierLM on one text file, over several sampling seeds.
 
-The model loads with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`: a CALM is scored
+The model loads with `AutoModelForCausalLM.from_pretrained`; a model's own code (auto_map) runs only with
+`--trust_remote_code` (a CALM needs no flag: the installed package provides its classes). A CALM is scored
 through its `score_brier` (two head samples at every chunk boundary, continued while K < 4), any other causal LM
 by sampling two 4-token continuations after every token (modeling_calm.evaluation_calm). The file (.txt, or
 .jsonl with a "text" field per document) is cut into blocks of `--block_size` tokens; the last block is padded
@@ -57,6 +58,22 @@ class EvalArguments:
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype, one of {DTYPES} (auto: checkpoint's)."})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda if available)."})
     max_blocks: int | None = field(default=None, metadata={"help": "Score only the first N blocks (smoke runs)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the model's own code (auto_map .py files); off by default. A CALM "
+                                 "needs no flag: the installed modeling_calm package provides its classes."},
+    )
+
+
+def _load(auto_class, name: str, trust_remote_code: bool, **kwargs):
+    """`auto_class.from_pretrained` that runs a folder's or repo's own code only with --trust_remote_code. A CALM
+    needs no flag: the installed modeling_calm package provides its classes."""
+    try:
+        return auto_class.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"{name!r} ships its own modeling code, which this script runs only if you ask: pass "
+                         "--trust_remote_code if you trust that code (read its .py files first).") from error
 
 
 def _max_positions(model) -> int | None:
@@ -88,8 +105,19 @@ def main(argv: list[str] | None = None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    if args.output is not None:  # fail now, not after the whole evaluation
+        output_dir = os.path.dirname(os.path.abspath(args.output))
+        if os.path.isdir(args.output):
+            raise ValueError(f"--output {args.output!r} is a directory; give the path of the JSON file to write.")
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--output {args.output!r}: cannot create its folder ({error}).") from error
+        if not os.access(output_dir, os.W_OK) or (os.path.exists(args.output) and not os.access(args.output, os.W_OK)):
+            raise ValueError(f"--output {args.output!r} is not writable.")
+
+    model = _load(AutoModelForCausalLM, args.model, args.trust_remote_code, dtype=dtype).to(device).eval()
+    tokenizer = _load(AutoTokenizer, args.tokenizer or args.model, args.trust_remote_code)
     is_calm = callable(getattr(model, "score_brier", None))
     k = model.config.patch_size if is_calm else 1
     if args.block_size % k:
@@ -139,7 +167,6 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(_json_safe(report), f, indent=2)
         print(f"wrote {args.output}")

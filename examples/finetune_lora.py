@@ -37,7 +37,7 @@ from modeling_calm.peft_calm import calm_lora_config
 
 @dataclass
 class FinetuneArguments:
-    model: str = field(metadata={"help": "Folder or Hub id of a CalmForCausalLM (loaded with trust_remote_code)."})
+    model: str = field(metadata={"help": "Folder or Hub id of a CalmForCausalLM."})
     train_file: list[str] = field(metadata={"help": "One or more .txt / .jsonl / .parquet files or globs."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder or id (default: --model)."})
     block_size: int = field(default=1024, metadata={"help": "Tokens per training block, a multiple of K."})
@@ -53,6 +53,22 @@ class FinetuneArguments:
     merge: bool = field(
         default=False, metadata={"help": "Also save the merged model (with a model card) in OUTPUT_DIR/merged."}
     )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the model's own code (auto_map .py files); off by default. A CALM "
+                                 "needs no flag: the installed modeling_calm package provides its classes."},
+    )
+
+
+def _load(auto_class, name: str, trust_remote_code: bool, **kwargs):
+    """`auto_class.from_pretrained` that runs a folder's or repo's own code only with --trust_remote_code. A CALM
+    needs no flag: the installed modeling_calm package provides its classes."""
+    try:
+        return auto_class.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"{name!r} ships its own modeling code, which this script runs only if you ask: pass "
+                         "--trust_remote_code if you trust that code (read its .py files first).") from error
 
 
 @dataclass
@@ -66,8 +82,8 @@ def main():
     args, training_args = HfArgumentParser((FinetuneArguments, FinetuneTrainingArguments)).parse_args_into_dataclasses()
     set_seed(training_args.seed)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = _load(AutoModelForCausalLM, args.model, args.trust_remote_code)
+    tokenizer = _load(AutoTokenizer, args.tokenizer or args.model, args.trust_remote_code)
     patch_size = model.config.patch_size
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(

@@ -22,6 +22,7 @@ write a generic README.md when the repo has no card yet: push the card last.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -686,6 +687,15 @@ def _default_card(folder: str, model_type: str | None, repo_id: str) -> ModelCar
     raise ValueError(f"No default card for model_type {model_type!r}: pass card=.")
 
 
+# The files `save_pretrained` writes (model, PEFT adapter, tokenizer) and the card: the only ones pushed from a folder.
+PUSHED_FILE_PATTERNS = (
+    "config.json", "generation_config.json", "adapter_config.json", "README.md", "*.py", "*.safetensors",
+    "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin",
+    "tokenizer*.json", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+    "chat_template.*",
+)
+
+
 def push_calm_to_hub(
     folder_or_model,
     repo_id: str,
@@ -703,7 +713,9 @@ def push_calm_to_hub(
 
     Everything goes through `HfApi.create_repo` and `HfApi.create_commit`: the model folder's files (weights,
     `config.json` with `auto_map`, the remote-code `.py` files, `generation_config.json`), the tokenizer's files and
-    `README.md` from the card.
+    `README.md` from the card. Only such files are pushed (`PUSHED_FILE_PATTERNS`): the rest of a Trainer
+    checkpoint (`optimizer.pt`, `scheduler.pt`, `training_args.bin`, `trainer_state.json`, RNG states) is left out,
+    with a warning naming it.
 
     Args:
         folder_or_model: a folder written by `save_pretrained`, or a model (saved to a temporary folder first).
@@ -732,6 +744,10 @@ def push_calm_to_hub(
             folder_or_model.save_pretrained(folder)
         files = {name: os.path.join(folder, name) for name in sorted(os.listdir(folder))
                  if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".")}
+        left_out = sorted(n for n in files if not any(fnmatch.fnmatchcase(n, p) for p in PUSHED_FILE_PATTERNS))
+        if left_out:  # a Trainer checkpoint's optimizer.pt, training_args.bin, rng_state.pth, ...
+            logger.warning(f"Not pushing {left_out} from {folder!r}: only model, tokenizer and card files are pushed.")
+            files = {n: path for n, path in files.items() if n not in left_out}
         skipped = [name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))]
         if skipped:
             logger.warning(f"Sub-folders of {folder!r} are not pushed: {sorted(skipped)}.")

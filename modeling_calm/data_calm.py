@@ -515,9 +515,12 @@ class CalmDataCollator:
     """Stacks examples into a batch whose length is a multiple of K, padding where the examples differ.
 
     Packed blocks (`tokenize_and_pack`) are stacked as they are (`transformers.default_data_collator` would do
-    the same for them); variable-length examples (fine-tuning data, single documents) are padded to the longest
-    example rounded up to a multiple of `patch_size`. Padding positions get `pad_token_id` in `input_ids`, 0 in
-    `attention_mask` and -100 in `labels`; they are found from the example lengths, never from token values, so
+    the same for them); variable-length examples (fine-tuning data, single documents) are padded in whole chunks
+    (pad_to_multiple_of K), as the model requires. An example whose length is not a multiple of K first has its
+    last chunk (its first, with left padding) completed: those fill positions get `pad_token_id`, `attention_mask` 1
+    (the chunk stays one content chunk) and label -100 (so that chunk is never a target; a warning says so, once).
+    The batch is then padded with whole pad chunks to the longest example: `pad_token_id` in `input_ids`, 0 in
+    `attention_mask`, -100 in `labels`. Padding is found from the example lengths, never from token values, so
     a real EOS keeps its label even when pad == eos. Labels given by an example are kept as they are; without
     them, labels are a copy of `input_ids`. Other keys are dropped.
 
@@ -559,17 +562,28 @@ class CalmDataCollator:
             masks.append(mask)
 
         lengths = [len(ids) for ids in input_ids]
-        length = -(-max(lengths) // self.patch_size) * self.patch_size  # round up to a multiple of K
+        k = self.patch_size
+        chunked = [-(-n // k) * k for n in lengths]  # each example rounded up to whole chunks
+        length = max(chunked)
         if self.pad_token_id is None and any(n != length for n in lengths):
             raise ValueError(
                 f"Examples of lengths {sorted(set(lengths))} need padding to {length} (a multiple of "
-                f"patch_size={self.patch_size}), but pad_token_id is None."
+                f"patch_size={k}), but pad_token_id is None."
+            )
+        if any(n != c for n, c in zip(lengths, chunked)):
+            logger.warning_once(
+                f"CalmDataCollator: examples whose length is not a multiple of K={k} get their "
+                f"{'last' if self.padding_side == 'right' else 'first'} chunk completed with pad tokens (attended, "
+                "label -100): that chunk is never a training target. Pack the data (tokenize_and_pack) to use it all."
             )
         batch_ids = torch.full((len(features), length), self.pad_token_id or 0, dtype=torch.long)  # (B, T)
         batch_labels = torch.full((len(features), length), self.label_pad_token_id, dtype=torch.long)
         batch_mask = torch.zeros((len(features), length), dtype=torch.long)
-        for row, (ids, lab, mask) in enumerate(zip(input_ids, labels, masks)):
-            span = slice(0, len(ids)) if self.padding_side == "right" else slice(length - len(ids), length)
+        for row, (ids, lab, mask, n, c) in enumerate(zip(input_ids, labels, masks, lengths, chunked)):
+            # The example's whole chunks (fill included) and, inside them, its own tokens.
+            chunks = slice(0, c) if self.padding_side == "right" else slice(length - c, length)
+            span = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            batch_mask[row, chunks] = 1
             batch_ids[row, span] = ids
             batch_labels[row, span] = lab
             batch_mask[row, span] = mask

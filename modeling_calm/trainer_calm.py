@@ -20,6 +20,12 @@ the remote code, resuming) is the Trainer's own. Each override says why it exist
 - `create_model_card`: `Trainer.push_to_hub` (also reached from `save_model` with `--push_to_hub`) writes the
   Trainer's generic draft over README.md; a CALM card (`modeling_calm.card_calm`, with the BrierLM / accuracy
   model-index) already in `output_dir` is kept instead.
+- `training_step` / `save_model` / `_load_optimizer_and_scheduler` and a `_TrainingGuard` callback: nothing goes
+  wrong silently (docs/RELIABILITY.md). A non-finite loss, gradient or updated weight is caught at the optimizer step
+  that meets it (`on_nonfinite`: raise, stop, or skip the update), instead of being logged as `loss 0.0` by the
+  Trainer's NaN filter; `save_model` (and so every checkpoint) refuses non-finite weights; a training batch without
+  any scored target logs a warning once, and an epoch (or a run) without any is an error; resuming from a checkpoint
+  without `optimizer.pt` / `scheduler.pt` is refused unless `resume_without_optimizer=True`.
 - `prediction_step`: one evaluation forward per batch, returned as one row of weighted statistics per example
   (weight = the example's number of scored targets). The Trainer then gathers the rows across processes and drops
   the duplicated examples of a distributed evaluation exactly as it does for `eval_loss`; the default
@@ -35,7 +41,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from huggingface_hub import ModelCard
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
 from transformers.utils import logging
 
 from .brier_calm import BRIER_LM_MAX_N, brier_lm
@@ -44,16 +51,64 @@ from .card_calm import CALM_TAGS
 
 logger = logging.get_logger(__name__)
 
+NONFINITE_ACTIONS = ("raise", "stop", "skip")
+
+
+def nonfinite_tensors(named_tensors, limit: int = 5) -> list[str]:
+    """Names of (at most `limit`) floating tensors holding a NaN or an infinity."""
+    bad = []
+    for name, tensor in named_tensors:
+        if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    """0-d bool tensor on the tensors' device: True when every tensor is finite (no host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None and t.is_floating_point()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+
+class _TrainingGuard(TrainerCallback):
+    """Checks every optimizer step of its trainer (see `_CalmStatsTrainer`): one host sync per step."""
+
+    def __init__(self, trainer: "_CalmStatsTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.trainer._check_update(state, control, model)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.trainer._check_weights(state, control, model)
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # also reached when max_steps ends an epoch early
+        self.trainer._check_targets_seen(state)
+
 
 class _CalmStatsTrainer(Trainer):
-    """Shared machinery: window means of extra training terms, and per-example rows of evaluation statistics."""
+    """Shared machinery: window means of extra training terms, per-example rows of evaluation statistics, and the
+    reliability checks (non-finite values, empty targets, partial checkpoints)."""
 
     # Extra training terms, read off the model output by `_training_terms`, logged as window means.
     train_term_names: tuple[str, ...] = ()
+    _empty_hint = ""  # what else leaves a batch without a target, for the messages
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, on_nonfinite: str = "raise", resume_without_optimizer: bool = False, **kwargs):
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}.")
         user_metrics = kwargs.get("compute_metrics")
         super().__init__(*args, **kwargs)
+        self.on_nonfinite = on_nonfinite
+        self.resume_without_optimizer = bool(resume_without_optimizer)
+        self.nonfinite_steps: list[int] = []  # optimizer steps (1-based) skipped or stopped at for non-finite values
+        # Since the last optimizer step, on device: non-finite losses of batches with / without a target, batches
+        # without a target, targets.
+        self._step_stats: torch.Tensor | None = None
+        self._targets_in_epoch = self._steps_in_epoch = 0
+        self._warned_empty_batch = False
+        self.add_callback(_TrainingGuard(self))
         # Per-batch mean losses: the Trainer must divide by the accumulation steps (see the module docstring).
         self.model_accepts_loss_kwargs = False
         if user_metrics is None:
@@ -64,9 +119,19 @@ class _CalmStatsTrainer(Trainer):
     def _training_terms(self, outputs) -> dict[str, torch.Tensor | None]:
         raise NotImplementedError
 
+    def _target_count(self, model, inputs) -> torch.Tensor:
+        """Scored targets of a training batch (0-d tensor, by the model's own rule)."""
+        raise NotImplementedError
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
+            # Summed on device (no host sync), read once at the optimizer step (see `_step_stats`).
+            count = self._target_count(model, inputs).to(loss.device).float().reshape(())
+            empty = (count == 0).float()
+            bad = (~torch.isfinite(loss.detach()).all()).float()
+            stats = torch.stack([bad * (1 - empty), bad * empty, empty, count])
+            self._step_stats = stats if self._step_stats is None else self._step_stats + stats
             for name, value in self._training_terms(outputs).items():
                 if value is not None:
                     total = value.detach().float().reshape(())
@@ -92,6 +157,110 @@ class _CalmStatsTrainer(Trainer):
                     logs[name] = float(stats[0, j] / stats[1, j])
             self._window = {}
         super().log(logs, *args, **kwargs)
+
+    # -- reliability (called by `_TrainingGuard` at every optimizer step) ---------------------------------------
+    def _summed(self, values: torch.Tensor) -> list[float]:
+        if self.accelerator.num_processes > 1:  # every process reaches the optimizer step: the reduce is safe
+            values = self.accelerator.reduce(values, reduction="sum")
+        return values.tolist()
+
+    def _nonfinite(self, state, control, model, what: str, names: list[str], can_skip: bool, cause: str = "") -> None:
+        step = state.global_step + 1
+        self.nonfinite_steps.append(step)
+        cause = cause or "the training diverged (try a lower learning rate, warm-up, gradient clipping or bf16 over fp16)"
+        message = f"Non-finite {what} at optimizer step {step}" + (f" in {names}" if names else "") + f": {cause}."
+        action = "stop" if self.on_nonfinite == "skip" and not can_skip else self.on_nonfinite
+        if action == "raise":
+            raise FloatingPointError(
+                f"{message} Pass on_nonfinite='stop' (end training without this update) or 'skip' (drop "
+                f"such updates) to {type(self).__name__} to continue instead of raising."
+            )
+        if can_skip:  # drop the update: optimizers skip parameters without a gradient
+            model.zero_grad(set_to_none=True)
+        if action == "stop":
+            control.should_training_stop = True
+            kept = "this update was not applied" if can_skip else "the weights are no longer finite and cannot be saved"
+            logger.error(f"{message} Training stopped (on_nonfinite={self.on_nonfinite!r}): {kept}.")
+        else:
+            logger.warning(f"{message} This update was skipped (on_nonfinite='skip').")
+
+    def _check_update(self, state, control, model) -> None:
+        device = self.args.device
+        stats = torch.zeros(4, device=device) if self._step_stats is None else self._step_stats.to(device)
+        self._step_stats = None
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        # fp16 loss scaling skips overflowing steps by itself (its gradients are legitimately inf at times).
+        check_grads = self.accelerator.scaler is None
+        bad_grads = (~_all_finite([p.grad for _, p in trainable])).float().to(device) if check_grads else stats[:1] * 0
+        bad_losses, bad_empty_losses, empty, targets, bad_grads = self._summed(torch.cat([stats, bad_grads.reshape(1)]))
+        self._steps_in_epoch += 1
+        self._targets_in_epoch += targets
+        if empty and not self._warned_empty_batch:
+            self._warned_empty_batch = True
+            logger.warning(
+                f"Optimizer step {state.global_step + 1}: {int(empty)} training batch(es) had no scored target "
+                f"(every label -100 or padding{self._empty_hint}); they add nothing to the loss. (Warned once.)"
+            )
+        if bad_losses:
+            self._nonfinite(state, control, model, "loss", [], can_skip=True)
+        elif bad_empty_losses:  # the model's mean over zero targets (0/0), not a divergence
+            self._nonfinite(state, control, model, "loss", [], can_skip=True, cause=(
+                "it comes from a batch without any scored target, whose mean loss is 0/0; the data has batches in "
+                f"which every label is -100 or padding{self._empty_hint}"))
+        elif bad_grads:
+            names = nonfinite_tensors((name, p.grad) for name, p in trainable)
+            self._nonfinite(state, control, model, "gradients", names, can_skip=True)
+
+    def _check_weights(self, state, control, model) -> None:
+        if self.nonfinite_steps[-1:] == [state.global_step + 1]:
+            return  # this update was dropped
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        (bad,) = self._summed((~_all_finite([p for _, p in trainable])).float().to(self.args.device).reshape(1))
+        if bad:
+            names = nonfinite_tensors(trainable)
+            self._nonfinite(state, control, model, "weights after the update", names, can_skip=False)
+
+    def _check_targets_seen(self, state) -> None:
+        steps, targets = self._steps_in_epoch, self._targets_in_epoch
+        self._steps_in_epoch = self._targets_in_epoch = 0
+        if steps and not targets:
+            raise ValueError(
+                f"No training batch had a scored target in the {steps} optimizer steps of the epoch up to epoch "
+                f"{state.epoch:.2f} (they changed nothing): every label is -100 or padding{self._empty_hint}. "
+                "Check the labels, the collator and the data."
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        bad = nonfinite_tensors(list(model.named_parameters()) + list(model.named_buffers()))
+        if bad:
+            raise ValueError(
+                f"Refusing to save a model with non-finite weights to {output_dir or self.args.output_dir} (step "
+                f"{self.state.global_step}): {bad} hold NaN or infinity. The training diverged; save an earlier "
+                "checkpoint instead."
+            )
+        super().save_model(output_dir, _internal_call)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and not self.is_deepspeed_enabled and os.path.isdir(checkpoint):
+            names = set(os.listdir(checkpoint))
+            has_optimizer = bool({OPTIMIZER_NAME, OPTIMIZER_NAME_BIN} & names) or any(
+                "optimizer" in n and os.path.isdir(os.path.join(checkpoint, n)) for n in names  # FSDP sharded state
+            )
+            missing = [n for n, present in ((OPTIMIZER_NAME, has_optimizer), (SCHEDULER_NAME, SCHEDULER_NAME in names))
+                       if not present]
+            if missing:
+                message = (
+                    f"Resuming from {checkpoint}, which has no {' and no '.join(missing)}: the optimizer state and "
+                    "the learning-rate schedule would both restart from scratch"
+                )
+                if not self.resume_without_optimizer:
+                    raise ValueError(
+                        f"{message}. Pass resume_without_optimizer=True to {type(self).__name__} to resume anyway "
+                        "(e.g. from a save_only_model checkpoint)."
+                    )
+                logger.warning(f"{message} (resume_without_optimizer=True).")
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     # -- model card --------------------------------------------------------------------------------------------
     def create_model_card(self, *args, **kwargs) -> None:
@@ -168,6 +337,11 @@ class CalmTrainer(_CalmStatsTrainer):
             are used; a `compute_metrics` of yours receives rows `[weight, fidelity, diversity, brier_1..brier_4]`
             per example (NaN where a value does not exist).
         eval_brier (`bool`, *optional*, defaults to `True`): estimate Brier-n and BrierLM during evaluation.
+        on_nonfinite (`str`, *optional*, defaults to `"raise"`): on a non-finite loss, gradient or updated weight:
+            `"raise"` a `FloatingPointError` naming the optimizer step (before that update), `"stop"` training with a
+            logged error, or `"skip"` the update with a warning. The steps met are in `trainer.nonfinite_steps`.
+        resume_without_optimizer (`bool`, *optional*, defaults to `False`): allow resuming from a checkpoint that
+            lacks `optimizer.pt` / `scheduler.pt` (both then restart, with a warning); refused otherwise.
     """
 
     train_term_names = ("fidelity", "diversity")
@@ -181,8 +355,18 @@ class CalmTrainer(_CalmStatsTrainer):
     def eval_stat_names(self) -> list[str]:
         return ["fidelity", "diversity"] + [f"brier_{n}" for n in range(1, BRIER_LM_MAX_N + 1)]
 
+    _empty_hint = ", or sequences of a single chunk"
+
     def _training_terms(self, outputs):
         return {"fidelity": outputs.fidelity, "diversity": outputs.diversity}
+
+    def _target_count(self, model, inputs):
+        labels = inputs.get("labels")
+        labels = inputs["input_ids"] if labels is None else labels
+        patch_size = self.accelerator.unwrap_model(model).config.patch_size
+        if labels.dim() != 2 or labels.shape[-1] % patch_size:
+            return torch.ones(())  # the model's forward has already refused such a batch; nothing to count
+        return _chunk_target_counts(labels, inputs.get("attention_mask"), patch_size).sum()
 
     def _evaluation_stats(self, model, inputs, prediction_loss_only=False):
         return_brier = self.eval_brier and not prediction_loss_only
@@ -222,6 +406,11 @@ class CalmAutoencoderTrainer(_CalmStatsTrainer):
     Args:
         *args, **kwargs: as for `transformers.Trainer`.
         latent_noise_stds (sequence of `float`, *optional*, defaults to `(0.3,)`): extra latent noise levels.
+        on_nonfinite (`str`, *optional*, defaults to `"raise"`): on a non-finite loss, gradient or updated weight:
+            `"raise"` a `FloatingPointError` naming the optimizer step (before that update), `"stop"` training with a
+            logged error, or `"skip"` the update with a warning. The steps met are in `trainer.nonfinite_steps`.
+        resume_without_optimizer (`bool`, *optional*, defaults to `False`): allow resuming from a checkpoint that
+            lacks `optimizer.pt` / `scheduler.pt` (both then restart, with a warning); refused otherwise.
     """
 
     train_term_names = ("reconstruction_loss", "kl", "accuracy")
@@ -240,6 +429,13 @@ class CalmAutoencoderTrainer(_CalmStatsTrainer):
 
     def _training_terms(self, outputs):
         return {"reconstruction_loss": outputs.reconstruction_loss, "kl": outputs.kl_loss, "accuracy": outputs.accuracy}
+
+    def _target_count(self, model, inputs):
+        labels = inputs.get("labels")
+        valid = (inputs["input_ids"] if labels is None else labels) != -100
+        if inputs.get("attention_mask") is not None and inputs["attention_mask"].shape == valid.shape:
+            valid &= inputs["attention_mask"] != 0
+        return valid.sum()
 
     def _evaluation_stats(self, model, inputs, prediction_loss_only=False):
         outputs = model(**inputs)

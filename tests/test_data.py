@@ -300,13 +300,13 @@ def test_collator_keeps_eos_labels_when_pad_is_eos():
     assert batch["input_ids"].shape == (2, 8)  # longest is 6, rounded up to a multiple of K=4
     assert batch["labels"].tolist() == [[5, 6, eos, 7, 8, eos, -100, -100], [9, eos, 3, -100, -100, -100, -100, -100]]
     assert batch["input_ids"].tolist() == [[5, 6, eos, 7, 8, eos, eos, eos], [9, eos, 3, eos, eos, eos, eos, eos]]
-    assert batch["attention_mask"].tolist() == [[1] * 6 + [0] * 2, [1] * 3 + [0] * 5]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 4 + [0] * 4]  # whole chunks (issue 16 item 8)
     # Given labels (with their own -100) are kept; left padding mirrors right padding.
     left = CalmDataCollator(pad_token_id=0, patch_size=2, padding_side="left")(
         [{"input_ids": torch.tensor([4, 5, 6]), "labels": [-100, 5, 6]}, {"input_ids": [7]}]
     )
     assert left["labels"].tolist() == [[-100, -100, 5, 6], [-100, -100, -100, 7]]
-    assert left["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert all(t.dtype == torch.long for t in left.values())
 
 
