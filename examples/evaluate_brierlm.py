@@ -48,7 +48,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class EvalArguments:
     model: str = field(metadata={"help": "Model folder or Hub id: a CALM or any transformers causal LM."})
-    eval_file: str = field(metadata={"help": ".txt (one document) or .jsonl (a 'text' field per line) file."})
+    eval_file: str = field(metadata={"help": ".txt (documents separated by blank lines) or .jsonl (a 'text' field per "
+                                         "line) file, read as the training files are."})
     block_size: int = field(default=1024, metadata={"help": "Tokens per block; a multiple of K for a CALM."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One scoring pass per seed."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward."})

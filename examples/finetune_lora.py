@@ -38,7 +38,8 @@ from modeling_calm.peft_calm import calm_lora_config
 @dataclass
 class FinetuneArguments:
     model: str = field(metadata={"help": "Folder or Hub id of a CalmForCausalLM (loaded with trust_remote_code)."})
-    train_file: list[str] = field(metadata={"help": "One or more .txt / .jsonl / .parquet files or globs."})
+    train_file: list[str] = field(metadata={"help": "One or more .txt (documents separated by blank lines) / .jsonl / "
+                                            ".parquet files or globs."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder or id (default: --model)."})
     block_size: int = field(default=1024, metadata={"help": "Tokens per training block, a multiple of K."})
     text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / .parquet files."})
