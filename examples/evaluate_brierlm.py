@@ -36,10 +36,11 @@ from datetime import datetime, timezone
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import modeling_calm
 from modeling_calm.brier_calm import BRIER_LM_MAX_N
+from modeling_calm.data_calm import load_tokenizer
 from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
 
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     is_calm = callable(getattr(model, "score_brier", None))
     k = model.config.patch_size if is_calm else 1
     if args.block_size % k:

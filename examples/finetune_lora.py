@@ -6,7 +6,7 @@ multiple of K) and trained with the model's own energy loss. Every `TrainingArgu
 (--per_device_train_batch_size, --gradient_accumulation_steps, --save_steps, --bf16, ...).
 
 Tiny CPU run (seconds; a random tiny CALM from the preset, with a tokenizer trained on the same text):
-    printf 'CALM predicts the next vector.\\nEach vector stands for K tokens.\\n%.0s' {1..50} > /tmp/tiny.txt
+    printf 'CALM predicts the next vector.\\nEach vector stands for K tokens.\\n\\n%.0s' {1..50} > /tmp/tiny.txt
     python examples/train_tokenizer.py --train_file /tmp/tiny.txt --vocab_size 512 --num_heldout 5 \\
         --output_dir /tmp/calm-tiny
     python -c "from modeling_calm import CalmConfig, CalmForCausalLM as M; \\
@@ -28,10 +28,13 @@ import os
 from dataclasses import dataclass, field
 
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_calm.card_calm import build_model_card
-from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, tokenize_and_pack
+from modeling_calm.data_calm import (
+    CalmDataCollator, load_text_dataset, load_tokenizer, model_context_tokens, save_tokenizer_with_model,
+    tokenize_and_pack,
+)
 from modeling_calm.peft_calm import calm_lora_config
 
 
@@ -68,7 +71,7 @@ def main():
     set_seed(training_args.seed)
 
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     patch_size = model.config.patch_size
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
@@ -81,7 +84,8 @@ def main():
     texts = load_text_dataset(args.train_file, text_column=args.text_column)
     with training_args.main_process_first(desc="tokenizing"):
         blocks = tokenize_and_pack(
-            texts, tokenizer, args.block_size, patch_size=patch_size, text_column=args.text_column
+            texts, tokenizer, args.block_size, patch_size=patch_size, text_column=args.text_column,
+            max_length=model_context_tokens(model.config),
         )
     steps = args.block_size // patch_size
     print(f"{len(blocks)} training blocks of {args.block_size} tokens ({steps} steps of K={patch_size})")
@@ -106,13 +110,13 @@ def main():
     print(f"trained {result.global_step} steps, mean training loss {result.training_loss:.4f}")
 
     model.save_pretrained(training_args.output_dir)  # adapter_config.json + adapter_model.safetensors
-    tokenizer.save_pretrained(training_args.output_dir)
+    save_tokenizer_with_model(tokenizer, model, training_args.output_dir)
     print(f"saved the adapter to {training_args.output_dir}")
     if args.merge:
         merged_dir = os.path.join(training_args.output_dir, "merged")
         merged = model.merge_and_unload()  # a plain CalmForCausalLM with the LoRA updates folded in
         merged.save_pretrained(merged_dir)  # weights, config with auto_map, and the modeling code
-        tokenizer.save_pretrained(merged_dir)
+        save_tokenizer_with_model(tokenizer, merged, merged_dir)
         card = build_model_card(
             merged,
             model_name=os.path.basename(os.path.normpath(training_args.output_dir)),

@@ -392,6 +392,78 @@ def train_bpe_tokenizer(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tokenizers of model folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_context_tokens(config) -> int | None:
+    """The context of a CALM in tokens: the backbone's `max_position_embeddings` (which counts chunks) times K.
+
+    `config` is a `CalmConfig` (or anything with `backbone_config` and `patch_size`); None for other configs.
+    """
+    backbone = getattr(config, "backbone_config", None)
+    chunks = getattr(backbone, "max_position_embeddings", None)
+    patch_size = getattr(config, "patch_size", None)
+    if not isinstance(chunks, int) or not isinstance(patch_size, int):
+        return None
+    return chunks * patch_size
+
+
+def set_model_max_length(tokenizer: PreTrainedTokenizerBase, config) -> PreTrainedTokenizerBase:
+    """Sets `tokenizer.model_max_length` to the model's context in tokens (`model_context_tokens`), so that
+    `truncation=True`, pipelines and lm-evaluation-harness know it once the tokenizer is saved with the model."""
+    context = model_context_tokens(config)
+    if context is not None:
+        tokenizer.model_max_length = context
+        tokenizer.init_kwargs["model_max_length"] = context
+    return tokenizer
+
+
+def save_tokenizer_with_model(tokenizer: PreTrainedTokenizerBase, model_or_config, folder) -> None:
+    """`tokenizer.save_pretrained(folder)` for a model folder, with `model_max_length` set to the model's context
+    (`tokenizer_config.json` also names the `tokenizer_class`, as transformers writes it, which `load_tokenizer`
+    reads)."""
+    set_model_max_length(tokenizer, getattr(model_or_config, "config", model_or_config))
+    tokenizer.save_pretrained(folder)
+
+
+def check_block_size(block_size: int, max_length: int | None, what: str = "block_size") -> None:
+    """Raises a ValueError when `block_size` tokens exceed the model's context `max_length` (None: no limit)."""
+    if max_length is not None and block_size > max_length:
+        raise ValueError(
+            f"{what}={block_size} exceeds the model's context of {max_length} tokens (the backbone's "
+            "max_position_embeddings chunks x K): use a smaller block size or a model with a longer context."
+        )
+
+
+def _has_remote_config(name_or_path, **kwargs) -> bool:
+    from transformers import PreTrainedConfig
+
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path, **kwargs)
+    except (OSError, ValueError):  # a tokenizer-only folder or repo
+        return False
+    return "AutoConfig" in (config_dict.get("auto_map") or {})
+
+
+def load_tokenizer(name_or_path, **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name_or_path)` that runs no remote code and never prompts.
+
+    transformers (5.17-5.24) reads `config.json` through `AutoConfig` before it looks at the tokenizer files, so a
+    model folder whose config class is remote code (every CALM) makes a plain `AutoTokenizer.from_pretrained` ask
+    "[y/N]" in a terminal (15 s) and then warn. The tokenizer itself is plain, so its class is taken from
+    `tokenizer_config.json` instead and no config is read. Other names load exactly as `AutoTokenizer` does.
+    """
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+                  if k in kwargs}
+    if "config" not in kwargs and _has_remote_config(name_or_path, **hub_kwargs):
+        kwargs["config"] = PreTrainedConfig()  # model_type "": the class comes from tokenizer_config.json
+    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenization and packing
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -466,6 +538,7 @@ def tokenize_and_pack(
     batch_size: int = 1000,
     num_proc: int | None = None,
     cache_dir: str | None = None,
+    max_length: int | None = None,
 ) -> Dataset | IterableDataset:
     """Tokenizes documents, joins them with a separator token and cuts the stream into blocks for CALM.
 
@@ -488,6 +561,8 @@ def tokenize_and_pack(
         batch_size: documents tokenized (and packed) at a time.
         num_proc: processes for tokenizing a `Dataset` (packing is a fast sequential pass).
         cache_dir: where `datasets` caches the packed `Dataset` (default: its usual cache).
+        max_length: the model's context in tokens (`model_context_tokens(model.config)`); a longer `block_size`
+            is refused, since the model could not read such a block.
 
     Returns:
         A `Dataset` (or `IterableDataset` for a streamed input) with the int64 columns `input_ids` and `labels`
@@ -501,6 +576,7 @@ def tokenize_and_pack(
             f"block_size={block_size} must be a positive multiple of patch_size={patch_size}: "
             "each block is cut into chunks of patch_size tokens."
         )
+    check_block_size(block_size, max_length)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     separator, sep_id = _separator_id(tokenizer, separator)
