@@ -68,3 +68,20 @@ def test_bad_jsonl_records_are_named(tmp_path):
     bad.write_text('{"text": 3}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"line 1: the field 'text' is not a string"):
         load_text_blocks(bad, char_tokenizer(), 4)
+
+
+def test_train_tokenizer_scales_its_held_out_default_to_a_small_corpus(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n\n".join(f"text {i} of a small corpus, only thirty of them" for i in range(30)), encoding="utf-8")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "train_tokenizer.py"), "--train_file", str(corpus), "--vocab_size",
+         "300", "--output_dir", str(tmp_path / "tok")], capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "tok" / "tokenizer.json").is_file() and "compression" in result.stdout  # 3 held out, 27 trained
