@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM
 from modeling_calm.card_calm import build_autoencoder_card, build_model_card
+from modeling_calm.data_calm import save_tokenizer_with_model
 
 from .calm_conversion import ConversionReport
 
@@ -139,7 +140,7 @@ def save_converted(
     if tokenizer_dir is not None:
         config = model.config
         tokenizer = prepare_tokenizer(tokenizer_dir, config.vocab_size, config.pad_token_id)
-        tokenizer.save_pretrained(output_dir)
+        save_tokenizer_with_model(tokenizer, config, output_dir)  # model_max_length = the context in tokens
         card_kwargs.setdefault("tokenizer_name", f"the one saved with this model ({len(tokenizer):,} tokens)")
     card = conversion_card(model, report, license, source_repo, autoencoder_repo, script, repo_id, **card_kwargs)
     card.save(str(output_dir / "README.md"))

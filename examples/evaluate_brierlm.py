@@ -37,10 +37,11 @@ from datetime import datetime, timezone
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import modeling_calm
 from modeling_calm.brier_calm import BRIER_LM_MAX_N
+from modeling_calm.data_calm import load_tokenizer
 from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -49,7 +50,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclass
 class EvalArguments:
     model: str = field(metadata={"help": "Model folder or Hub id: a CALM or any transformers causal LM."})
-    eval_file: str = field(metadata={"help": ".txt (one document) or .jsonl (a 'text' field per line) file."})
+    eval_file: str = field(metadata={"help": ".txt (documents separated by blank lines) or .jsonl (a 'text' field per "
+                                         "line) file, read as the training files are."})
     block_size: int = field(default=1024, metadata={"help": "Tokens per block; a multiple of K for a CALM."})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One scoring pass per seed."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward."})
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--output {args.output!r} is not writable.")
 
     model = _load(AutoModelForCausalLM, args.model, args.trust_remote_code, dtype=dtype).to(device).eval()
-    tokenizer = _load(AutoTokenizer, args.tokenizer or args.model, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     is_calm = callable(getattr(model, "score_brier", None))
     k = model.config.patch_size if is_calm else 1
     if args.block_size % k:

@@ -6,7 +6,7 @@ multiple of K) and trained with the model's own energy loss. Every `TrainingArgu
 (--per_device_train_batch_size, --gradient_accumulation_steps, --save_steps, --bf16, ...).
 
 Tiny CPU run (seconds; a random tiny CALM from the preset, with a tokenizer trained on the same text):
-    printf 'CALM predicts the next vector.\\nEach vector stands for K tokens.\\n%.0s' {1..50} > /tmp/tiny.txt
+    printf 'CALM predicts the next vector.\\nEach vector stands for K tokens.\\n\\n%.0s' {1..50} > /tmp/tiny.txt
     python examples/train_tokenizer.py --train_file /tmp/tiny.txt --vocab_size 512 --num_heldout 5 \\
         --output_dir /tmp/calm-tiny
     python -c "from modeling_calm import CalmConfig, CalmForCausalLM as M; \\
@@ -28,17 +28,21 @@ import os
 from dataclasses import dataclass, field
 
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from modeling_calm.card_calm import build_model_card
-from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, tokenize_and_pack
+from modeling_calm.data_calm import (
+    CalmDataCollator, load_text_dataset, load_tokenizer, model_context_tokens, save_tokenizer_with_model,
+    tokenize_and_pack,
+)
 from modeling_calm.peft_calm import calm_lora_config
 
 
 @dataclass
 class FinetuneArguments:
     model: str = field(metadata={"help": "Folder or Hub id of a CalmForCausalLM."})
-    train_file: list[str] = field(metadata={"help": "One or more .txt / .jsonl / .parquet files or globs."})
+    train_file: list[str] = field(metadata={"help": "One or more .txt (documents separated by blank lines) / .jsonl / "
+                                            ".parquet files or globs."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder or id (default: --model)."})
     block_size: int = field(default=1024, metadata={"help": "Tokens per training block, a multiple of K."})
     text_column: str = field(default="text", metadata={"help": "Text field of .jsonl / .parquet files."})
@@ -83,7 +87,7 @@ def main():
     set_seed(training_args.seed)
 
     model = _load(AutoModelForCausalLM, args.model, args.trust_remote_code)
-    tokenizer = _load(AutoTokenizer, args.tokenizer or args.model, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
     patch_size = model.config.patch_size
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
@@ -96,7 +100,8 @@ def main():
     texts = load_text_dataset(args.train_file, text_column=args.text_column)
     with training_args.main_process_first(desc="tokenizing"):
         blocks = tokenize_and_pack(
-            texts, tokenizer, args.block_size, patch_size=patch_size, text_column=args.text_column
+            texts, tokenizer, args.block_size, patch_size=patch_size, text_column=args.text_column,
+            max_length=model_context_tokens(model.config),
         )
     steps = args.block_size // patch_size
     print(f"{len(blocks)} training blocks of {args.block_size} tokens ({steps} steps of K={patch_size})")
@@ -121,13 +126,13 @@ def main():
     print(f"trained {result.global_step} steps, mean training loss {result.training_loss:.4f}")
 
     model.save_pretrained(training_args.output_dir)  # adapter_config.json + adapter_model.safetensors
-    tokenizer.save_pretrained(training_args.output_dir)
+    save_tokenizer_with_model(tokenizer, model, training_args.output_dir)
     print(f"saved the adapter to {training_args.output_dir}")
     if args.merge:
         merged_dir = os.path.join(training_args.output_dir, "merged")
         merged = model.merge_and_unload()  # a plain CalmForCausalLM with the LoRA updates folded in
         merged.save_pretrained(merged_dir)  # weights, config with auto_map, and the modeling code
-        tokenizer.save_pretrained(merged_dir)
+        save_tokenizer_with_model(tokenizer, merged, merged_dir)
         card = build_model_card(
             merged,
             model_name=os.path.basename(os.path.normpath(training_args.output_dir)),

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 from pydoc_data.topics import topics
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
 from modeling_calm.card_calm import build_autoencoder_card, build_model_card
-from modeling_calm.data_calm import CalmDataCollator, iter_texts, train_bpe_tokenizer
+from modeling_calm.data_calm import (
+    CalmDataCollator, check_block_size, iter_texts, load_tokenizer, model_context_tokens, save_tokenizer_with_model, train_bpe_tokenizer,
+)
 from modeling_calm.evaluation_calm import evaluate_brier
 
 
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(texts) < HELD_OUT_EVERY:
         raise ValueError(
             f"{source} has {len(texts)} non-empty documents; the quickstart holds out every {HELD_OUT_EVERY}th "
-            f"for evaluation, so it needs at least {HELD_OUT_EVERY} (lines of a .txt, records of a .jsonl)."
+            f"for evaluation, so it needs at least {HELD_OUT_EVERY} (documents separated by blank lines in a .txt, "
+            "records of a .jsonl)."
         )
     held_out = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     train_texts = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     head = {k: v for k, v in preset.items() if k not in ("model_type", "autoencoder_config", "backbone_config",
                                                           "patch_size", "latent_size", *specials)}
     model = CalmForCausalLM.from_autoencoder(autoencoder, backbone_config=backbone, **head, **specials)
+    check_block_size(args.block_size, model_context_tokens(model.config), "--block_size")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"CALM: {trainable / 1e6:.2f}M trainable parameters (autoencoder frozen), {model.config.head_type} head")
     CalmTrainer(model=model, args=training_args("calm", args.max_steps, 16), train_dataset=train_dataset,
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                 split="held-out (every 20th document)")
     tokenizer_name = f"byte-level BPE ({len(tokenizer)} tokens) trained on the same text"
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer_with_model(tokenizer, model, out)  # model_max_length = the context in tokens
     build_model_card(model, model_name=f"calm-quickstart-{args.preset}", brier_lm={**brier, **data},
                      autoencoder_accuracy={**accuracy, **data}, training_data=source,
                      tokenizer_name=tokenizer_name).save(out / "README.md")
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6. Reload the folder as any Hub user would, and generate from it.
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).to(model.device)
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
+    reloaded_tokenizer = load_tokenizer(out)  # AutoTokenizer, without reading the remote-code config.json
     reloaded_text = generate(reloaded, reloaded_tokenizer, PROMPTS, temperature=0.5, num_candidates=200)[0]
 
     mean, std = brier["mean"], brier["std"]

@@ -15,7 +15,7 @@ The output folder (and every checkpoint-N/ in it) holds a Hub-ready model with i
 `--autoencoder` of examples/train_calm.py. Its README.md is a model card (modeling_calm.card_calm) with the final
 evaluation (token accuracy, also under latent noise) in its model-index. Elsewhere, it loads with
     AutoModel.from_pretrained(folder, trust_remote_code=True)
-    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)   # it reads config.json, whose class is remote code
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)   # or modeling_calm.data_calm.load_tokenizer(folder)
 
 Flags: the three dataclasses below and every `TrainingArguments` flag; `--recipe` (configuration/training/*.json)
 sets defaults that command-line flags override.
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmAutoencoderTrainer
 from modeling_calm.card_calm import accuracy_from_trainer_metrics, build_autoencoder_card, source_names
-from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, tokenize_and_pack
+from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, load_tokenizer, tokenize_and_pack
 
 
 CONFIGURATION = Path(__file__).resolve().parents[1] / "configuration"
@@ -97,7 +97,7 @@ def parse_overrides(text: str | None) -> dict:
 def main():
     model_args, data_args, training_args = parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer)
+    tokenizer = load_tokenizer(model_args.tokenizer)
     if tokenizer.pad_token is None:  # the paper appends [PAD] to Llama-3's 128,256 tokens
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     path = Path(model_args.preset)

@@ -15,7 +15,7 @@ CALM-M as in the paper (250k steps x 2M tokens, blocks of 8192 tokens, bf16) on 
 Evaluation reports eval_loss, eval_fidelity, eval_diversity, eval_brier_1..4 and eval_brier_lm (a quick estimate:
 one seed; examples/evaluate_brierlm.py gives the full figure). The output folder and every checkpoint-N/ load with
     AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-    AutoTokenizer.from_pretrained(path, trust_remote_code=True)   # it reads config.json, whose class is remote code
+    AutoTokenizer.from_pretrained(path, trust_remote_code=True)   # or modeling_calm.data_calm.load_tokenizer(path)
 and the folder's README.md is a model card (modeling_calm.card_calm) with that BrierLM in its model-index.
 """
 
@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM, CalmTrainer
 from modeling_calm.card_calm import brier_from_trainer_metrics, build_model_card, source_names
-from modeling_calm.data_calm import CalmDataCollator, load_text_dataset, tokenize_and_pack
+from modeling_calm.data_calm import (
+    CalmDataCollator, load_text_dataset, load_tokenizer, model_context_tokens, set_model_max_length, tokenize_and_pack,
+)
 
 
 CONFIGURATION = Path(__file__).resolve().parents[1] / "configuration"
@@ -97,7 +99,7 @@ def main():
 
     ae_path = model_args.autoencoder
     autoencoder = CalmAutoencoder.from_pretrained(ae_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or ae_path)
+    tokenizer = load_tokenizer(model_args.tokenizer or ae_path)
     if len(tokenizer) != autoencoder.config.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens, the autoencoder {autoencoder.config.vocab_size}.")
     path = Path(model_args.preset)
@@ -109,10 +111,12 @@ def main():
     head.update(parse_overrides(model_args.config_overrides))
     model = CalmForCausalLM.from_autoencoder(autoencoder, backbone_config=backbone, **head, **specials)
     k = model.config.patch_size
-    block_size = data_args.block_size or k * model.config.backbone_config.max_position_embeddings
+    block_size = data_args.block_size or model_context_tokens(model.config)
+    set_model_max_length(tokenizer, model.config)  # saved with the model (processing_class) in every checkpoint
 
     with training_args.main_process_first(desc="tokenizing"):
-        pack = dict(tokenizer=tokenizer, block_size=block_size, patch_size=k, text_column=data_args.text_column)
+        pack = dict(tokenizer=tokenizer, block_size=block_size, patch_size=k, text_column=data_args.text_column,
+                    max_length=model_context_tokens(model.config))
         column = data_args.text_column
         texts = load_text_dataset(data_args.train_file, streaming=data_args.streaming, text_column=column)
         train = tokenize_and_pack(texts, **pack)

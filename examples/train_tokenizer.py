@@ -34,7 +34,8 @@ class TokenizerArguments:
     vocab_size: int = field(default=32000, metadata={"help": "Vocabulary size, special tokens included."})
     min_frequency: int = field(default=2, metadata={"help": "Least count of a pair to be merged."})
     max_texts: int | None = field(default=None, metadata={"help": "Train on at most this many texts."})
-    num_heldout: int = field(default=100, metadata={"help": "Leading texts kept out of training for the summary."})
+    num_heldout: int | None = field(default=None, metadata={
+        "help": "Leading texts kept out of training for the summary (default: 100, or a tenth of a smaller corpus)."})
     text_column: str = field(default="text", metadata={"help": "JSON field of the text in .jsonl files."})
     show_progress: bool = field(default=False, metadata={"help": "Show progress bars."})
 
@@ -44,7 +45,11 @@ def main():
 
     # One lazy stream over all files: the held-out texts are taken off its front, training reads the rest.
     texts = iter_texts(args.train_file, text_column=args.text_column)
-    heldout = [text for text in itertools.islice(texts, args.num_heldout) if text]
+    front = list(itertools.islice(texts, 10 * 100))  # decides the default on corpora of fewer than 1,000 texts
+    if args.num_heldout is None:
+        args.num_heldout = 100 if len(front) == 10 * 100 else len(front) // 10
+    heldout = [text for text in front[: args.num_heldout] if text]
+    texts = itertools.chain(front[args.num_heldout :], itertools.islice(texts, max(0, args.num_heldout - len(front)), None))
     first = next(texts, None)  # is anything left to train on?
     if first is None:
         raise ValueError(

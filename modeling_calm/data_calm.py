@@ -12,6 +12,9 @@ The pipeline, top to bottom:
     Trainer(..., train_dataset=blocks, data_collator=CalmDataCollator(tokenizer.pad_token_id, patch_size=4))
 
 Choices made here:
+- Text files follow one rule, for training and evaluation alike (`iter_texts`): a .txt file holds documents
+  separated by blank lines, with the line breaks inside a document kept; a .jsonl file holds one document per
+  record.
 - Documents are joined with one separator token each. The default is the tokenizer's BOS placed *before* every
   document (EOS after it when there is no BOS): CALM learns to emit a document start, which `generate` can use
   as its stop token (the authors' training text had no separator, so their model rarely stops).
@@ -125,11 +128,17 @@ def _is_empty_file(path: str) -> bool:
 def iter_texts(
     path: str | os.PathLike | Sequence[str | os.PathLike], text_column: str = "text"
 ) -> Iterator[str]:
-    """Yields the texts of .txt or .jsonl files lazily, one at a time, without `datasets`.
+    """Yields the documents of .txt or .jsonl files lazily, one at a time, without `datasets`.
 
-    A .txt file gives one text per line (without its line break, empty lines included), as
-    `datasets.load_dataset("text")` does; a .jsonl file gives the `text_column` field of each non-blank line
-    (null values are skipped). Files may be compressed (.gz, .bz2, .xz).
+    This is the one reader of the project's text files, used for training (`load_text_dataset`,
+    `train_bpe_tokenizer`) and for evaluation (`modeling_calm.evaluation_calm.load_text_blocks`); the rule:
+
+    - `.txt`: documents are separated by blank lines (one or more lines holding only whitespace). The line breaks
+      inside a document are kept (as "\\n"); the blank lines between documents are not part of any document. A
+      file without blank lines is one document.
+    - `.jsonl`: one document per record, its `text_column` field (blank lines and null values are skipped).
+
+    Files may be compressed (.gz, .bz2, .xz); documents never run across files.
 
     Args:
         path: a file, a glob, or a list of them; files are read in the order given.
@@ -147,20 +156,41 @@ def _read_texts(files: list[str], text_column: str) -> Iterator[str]:
     for file in files:
         is_jsonl = _split_suffix(file)[0] == ".jsonl"
         with _open_text(file) as f:
+            if not is_jsonl:
+                document: list[str] = []
+                for line in f:
+                    if line.strip():
+                        document.append(line.rstrip("\r\n"))
+                    elif document:
+                        yield "\n".join(document)
+                        document = []
+                if document:
+                    yield "\n".join(document)
+                continue
             for line_number, line in enumerate(f, start=1):
-                if not is_jsonl:
-                    yield line.rstrip("\r\n")
-                    continue
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                if text_column not in record:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{file}, line {line_number}: not valid JSON ({err.msg}).") from err
+                if not isinstance(record, dict) or text_column not in record:
+                    fields = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise ValueError(
-                        f"{file}:{line_number} has no field {text_column!r} (fields: {sorted(record)}); "
+                        f"{file}, line {line_number}: no field {text_column!r} (fields: {fields}); "
                         "pass text_column= to name the text field."
                     )
-                if record[text_column] is not None:
-                    yield record[text_column]
+                text = record[text_column]
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"{file}, line {line_number}: the field {text_column!r} is not a string.")
+                if text is not None:
+                    yield text
+
+
+def _document_rows(files: list[str], stamps: list[tuple[int, int]], text_column: str) -> Iterator[dict[str, str]]:
+    """Generator of `load_text_dataset` for .txt files; `stamps` (size, mtime) only key the `datasets` cache."""
+    for document in _read_texts(files, "text"):
+        yield {text_column: document}
 
 
 def load_text_dataset(
@@ -174,9 +204,9 @@ def load_text_dataset(
 ) -> Dataset | IterableDataset:
     """Loads a text corpus from local files or the Hugging Face Hub with `datasets.load_dataset`.
 
-    Local files (.txt, .jsonl, .json, .parquet, optionally compressed .gz/.bz2/.xz) go through the `text`,
-    `json` or `parquet` builder: one text per line for .txt (pass `sample_by="paragraph"` or `"document"` for
-    other units), one record per line for .jsonl. Anything that is neither an existing file nor a glob is taken
+    Local files (.txt, .jsonl, .json, .parquet, optionally compressed .gz/.bz2/.xz): .txt files are read by
+    `iter_texts` (documents separated by blank lines, line breaks inside a document kept; the same rule as the
+    evaluation reader), the others go through the `json` or `parquet` builder (one document per record). Anything that is neither an existing file nor a glob is taken
     as a Hub dataset name.
 
     Args:
@@ -185,7 +215,8 @@ def load_text_dataset(
         streaming: return an `IterableDataset` that reads the files lazily.
         text_column: the column that must hold the text (checked where the columns are known).
         data_files: for a Hub dataset only, passed on to `load_dataset`.
-        **load_kwargs: passed on to `load_dataset` (`cache_dir`, `revision`, `name`, `sample_by`, ...).
+        **load_kwargs: passed on to `load_dataset` (`cache_dir`, `revision`, `name`, ...); for .txt files, to
+            `Dataset.from_generator` (`cache_dir`, `keep_in_memory`, ...).
 
     Returns:
         A `datasets.Dataset`, or an `IterableDataset` when `streaming`.
@@ -213,9 +244,24 @@ def load_text_dataset(
                 raise ValueError(f"The file {file!r} is empty.")
         if len(builders) > 1:
             raise ValueError(f"The files {files} mix formats ({sorted(builders)}); load one format at a time.")
-        dataset = datasets.load_dataset(
-            builders.pop(), data_files={split: files}, split=split, streaming=streaming, **load_kwargs
-        )
+        builder = builders.pop()
+        if builder == "text":
+            # One generator per file (datasets shards list arguments), keyed by size and mtime for the cache.
+            stamps = [(os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+            gen_kwargs = dict(files=files, stamps=stamps, text_column=text_column)
+            features = datasets.Features({text_column: datasets.Value("string")})
+            if streaming:
+                dataset = datasets.IterableDataset.from_generator(
+                    _document_rows, features=features, gen_kwargs=gen_kwargs
+                )
+            else:
+                dataset = datasets.Dataset.from_generator(
+                    _document_rows, features=features, gen_kwargs=gen_kwargs, **load_kwargs
+                )
+        else:
+            dataset = datasets.load_dataset(
+                builder, data_files={split: files}, split=split, streaming=streaming, **load_kwargs
+            )
         source = files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     else:
         dataset = datasets.load_dataset(
@@ -346,6 +392,78 @@ def train_bpe_tokenizer(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tokenizers of model folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_context_tokens(config) -> int | None:
+    """The context of a CALM in tokens: the backbone's `max_position_embeddings` (which counts chunks) times K.
+
+    `config` is a `CalmConfig` (or anything with `backbone_config` and `patch_size`); None for other configs.
+    """
+    backbone = getattr(config, "backbone_config", None)
+    chunks = getattr(backbone, "max_position_embeddings", None)
+    patch_size = getattr(config, "patch_size", None)
+    if not isinstance(chunks, int) or not isinstance(patch_size, int):
+        return None
+    return chunks * patch_size
+
+
+def set_model_max_length(tokenizer: PreTrainedTokenizerBase, config) -> PreTrainedTokenizerBase:
+    """Sets `tokenizer.model_max_length` to the model's context in tokens (`model_context_tokens`), so that
+    `truncation=True`, pipelines and lm-evaluation-harness know it once the tokenizer is saved with the model."""
+    context = model_context_tokens(config)
+    if context is not None:
+        tokenizer.model_max_length = context
+        tokenizer.init_kwargs["model_max_length"] = context
+    return tokenizer
+
+
+def save_tokenizer_with_model(tokenizer: PreTrainedTokenizerBase, model_or_config, folder) -> None:
+    """`tokenizer.save_pretrained(folder)` for a model folder, with `model_max_length` set to the model's context
+    (`tokenizer_config.json` also names the `tokenizer_class`, as transformers writes it, which `load_tokenizer`
+    reads)."""
+    set_model_max_length(tokenizer, getattr(model_or_config, "config", model_or_config))
+    tokenizer.save_pretrained(folder)
+
+
+def check_block_size(block_size: int, max_length: int | None, what: str = "block_size") -> None:
+    """Raises a ValueError when `block_size` tokens exceed the model's context `max_length` (None: no limit)."""
+    if max_length is not None and block_size > max_length:
+        raise ValueError(
+            f"{what}={block_size} exceeds the model's context of {max_length} tokens (the backbone's "
+            "max_position_embeddings chunks x K): use a smaller block size or a model with a longer context."
+        )
+
+
+def _has_remote_config(name_or_path, **kwargs) -> bool:
+    from transformers import PreTrainedConfig
+
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path, **kwargs)
+    except (OSError, ValueError):  # a tokenizer-only folder or repo
+        return False
+    return "AutoConfig" in (config_dict.get("auto_map") or {})
+
+
+def load_tokenizer(name_or_path, **kwargs) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(name_or_path)` that runs no remote code and never prompts.
+
+    transformers (5.17-5.24) reads `config.json` through `AutoConfig` before it looks at the tokenizer files, so a
+    model folder whose config class is remote code (every CALM) makes a plain `AutoTokenizer.from_pretrained` ask
+    "[y/N]" in a terminal (15 s) and then warn. The tokenizer itself is plain, so its class is taken from
+    `tokenizer_config.json` instead and no config is read. Other names load exactly as `AutoTokenizer` does.
+    """
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+                  if k in kwargs}
+    if "config" not in kwargs and _has_remote_config(name_or_path, **hub_kwargs):
+        kwargs["config"] = PreTrainedConfig()  # model_type "": the class comes from tokenizer_config.json
+    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenization and packing
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -420,6 +538,7 @@ def tokenize_and_pack(
     batch_size: int = 1000,
     num_proc: int | None = None,
     cache_dir: str | None = None,
+    max_length: int | None = None,
 ) -> Dataset | IterableDataset:
     """Tokenizes documents, joins them with a separator token and cuts the stream into blocks for CALM.
 
@@ -442,6 +561,8 @@ def tokenize_and_pack(
         batch_size: documents tokenized (and packed) at a time.
         num_proc: processes for tokenizing a `Dataset` (packing is a fast sequential pass).
         cache_dir: where `datasets` caches the packed `Dataset` (default: its usual cache).
+        max_length: the model's context in tokens (`model_context_tokens(model.config)`); a longer `block_size`
+            is refused, since the model could not read such a block.
 
     Returns:
         A `Dataset` (or `IterableDataset` for a streamed input) with the int64 columns `input_ids` and `labels`
@@ -455,6 +576,7 @@ def tokenize_and_pack(
             f"block_size={block_size} must be a positive multiple of patch_size={patch_size}: "
             "each block is cut into chunks of patch_size tokens."
         )
+    check_block_size(block_size, max_length)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1.")
     separator, sep_id = _separator_id(tokenizer, separator)

@@ -48,7 +48,6 @@ an attention implementation that takes a 4-D float mask ("eager" or "sdpa") and 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -561,24 +560,6 @@ def evaluate_brier(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_documents(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        if not path.lower().endswith(".jsonl"):
-            return [f.read()]
-        documents = []
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}).") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}, line {lineno}: each JSON line must be an object with a string 'text' field.")
-            documents.append(record["text"])
-        return documents
-
-
 def load_text_blocks(
     path: str | os.PathLike,
     tokenizer,
@@ -588,8 +569,10 @@ def load_text_blocks(
 ) -> dict[str, torch.Tensor]:
     """Tokenizes an evaluation file and cuts it into blocks of `block_size` tokens, without `datasets`.
 
-    - `.jsonl`: one JSON object per line with a "text" field, each a document; any other file: the whole file is
-      one document. Blank documents are skipped.
+    - Documents are read by `modeling_calm.data_calm.iter_texts`, the reader of the training data too: in a `.txt`
+      file documents are separated by blank lines (line breaks inside a document are kept); a `.jsonl` file has one
+      JSON object with a "text" field per line. Either may be compressed (.gz, .bz2, .xz). Blank documents are
+      skipped.
     - Documents are tokenized without special tokens and concatenated with one separator token between
       consecutive documents: the tokenizer's eos token, else its bos token, else none. The separator is scored
       like any other token.
@@ -614,7 +597,9 @@ def load_text_blocks(
             f"of K tokens)."
         )
     path = os.fspath(path)
-    documents = [d for d in _read_documents(path) if d.strip()]
+    from modeling_calm.data_calm import iter_texts
+
+    documents = [d for d in iter_texts(path) if d.strip()]
     if not documents:
         raise ValueError(f"Evaluation file {path!r} contains no text.")
 

@@ -17,6 +17,8 @@ the remote code, resuming) is the Trainer's own. Each override says why it exist
 - `compute_loss`: records the extra terms of every training micro-batch (detached, on device: no host sync).
 - `log`: adds their means over the logging window (every micro-batch since the last log, all processes) to the
   training log, beside the Trainer's own window-mean `loss`.
+- `__init__` also turns `dataloader_pin_memory` off on a CPU (there is nothing to pin for, and torch would warn
+  at every dataloader).
 - `create_model_card`: `Trainer.push_to_hub` (also reached from `save_model` with `--push_to_hub`) writes the
   Trainer's generic draft over README.md; a CALM card (`modeling_calm.card_calm`, with the BrierLM / accuracy
   model-index) already in `output_dir` is kept instead.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ from transformers.utils import logging
 
 from .brier_calm import BRIER_LM_MAX_N, brier_lm
 from .card_calm import CALM_TAGS
+from .data_calm import check_block_size, model_context_tokens
 
 
 logger = logging.get_logger(__name__)
@@ -111,6 +114,8 @@ class _CalmStatsTrainer(Trainer):
         self.add_callback(_TrainingGuard(self))
         # Per-batch mean losses: the Trainer must divide by the accumulation steps (see the module docstring).
         self.model_accepts_loss_kwargs = False
+        if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
+            self.args.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns once per loader
         if user_metrics is None:
             self.compute_metrics = self._weighted_means
         self._window: dict[str, list[torch.Tensor]] = {}
@@ -307,6 +312,26 @@ class _CalmStatsTrainer(Trainer):
         return metrics
 
 
+def _longest_example(dataset) -> int | None:
+    """Tokens of the longest example of a map-style dataset: exact for a `datasets.Dataset` (from its features or
+    Arrow lengths), the first example's length otherwise; None when unknown (streams, no `input_ids`)."""
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or not len(dataset):
+        return None
+    features = getattr(dataset, "features", None)
+    if features is not None and "input_ids" in features:
+        length = getattr(features["input_ids"], "length", -1)
+        if isinstance(length, int) and length > 0:
+            return length
+        import pyarrow.compute as pc
+
+        return pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
+    try:
+        first = dataset[0]
+        return len(first["input_ids"]) if isinstance(first, Mapping) and "input_ids" in first else None
+    except (IndexError, KeyError, TypeError):
+        return None
+
+
 def _chunk_target_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None, patch_size: int) -> torch.Tensor:
     """Scored next-chunk targets per example `[B]`, by the rule of `CalmForCausalLM.forward`: target chunk i+1 counts
     when none of its labels is -100 and neither it nor chunk i is padding."""
@@ -322,7 +347,9 @@ class CalmTrainer(_CalmStatsTrainer):
     """`Trainer` for stage 2: a `CalmForCausalLM` on its frozen autoencoder (CALM.md section 2).
 
     Use it exactly like `Trainer` (any `TrainingArguments`, PEFT models, DDP/FSDP/DeepSpeed). The model's
-    `train()` keeps the autoencoder frozen and in eval mode whenever the Trainer switches modes.
+    `train()` keeps the autoencoder frozen and in eval mode whenever the Trainer switches modes. Examples longer
+    than the model's context (the backbone's `max_position_embeddings` chunks x K) are refused at construction
+    with a ValueError, since `generate` could never reach such lengths.
 
     Training logs: `loss` (the head loss; the negative energy score for the energy head), `fidelity` and
     `diversity` (the energy score's two terms, `loss = 2 * fidelity - diversity`), `grad_norm`, `learning_rate`;
@@ -348,6 +375,13 @@ class CalmTrainer(_CalmStatsTrainer):
 
     def __init__(self, *args, eval_brier: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        context = model_context_tokens(self.model.config)
+        for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            for part, data in (dataset.items() if isinstance(dataset, dict) else [(None, dataset)]):
+                length = _longest_example(data)
+                if length is not None:
+                    where = name if part is None else f"{name}[{part!r}]"
+                    check_block_size(length, context, f"the longest {where} example, of length")
         self.eval_brier = bool(eval_brier)
         self._warned_short_chunks = False
 

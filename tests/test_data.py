@@ -82,11 +82,11 @@ def tokenizer(corpus):
 
 def test_iter_texts_txt_jsonl_and_compressed(tmp_path):
     (tmp_path / "a.txt").write_text("first line\n\nthird line\r\n", encoding="utf-8")
-    assert list(iter_texts(tmp_path / "a.txt")) == ["first line", "", "third line"]
+    assert list(iter_texts(tmp_path / "a.txt")) == ["first line", "third line"]  # documents: blank-line separated
     write_jsonl(tmp_path / "b.jsonl", ["x", None, "y"])
     with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write(json.dumps({"body": "zipped"}) + "\n\n")
-    assert list(iter_texts([tmp_path / "a.txt", tmp_path / "b.jsonl"])) == ["first line", "", "third line", "x", "y"]
+    assert list(iter_texts([tmp_path / "a.txt", tmp_path / "b.jsonl"])) == ["first line", "third line", "x", "y"]
     assert list(iter_texts(str(tmp_path / "c.jsonl*"), text_column="body")) == ["zipped"]
     with pytest.raises(ValueError, match="no field 'text'"):
         list(iter_texts(tmp_path / "c.jsonl.gz"))
@@ -146,7 +146,7 @@ def test_tokenizer_options_and_errors(corpus):
 
 
 def test_load_text_dataset_formats(tmp_path, corpus):
-    (tmp_path / "a.txt").write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("three\n", encoding="utf-8")
     texts = load_text_dataset(str(tmp_path / "*.txt"))
     assert texts["text"] == ["one", "two", "three"]
@@ -344,7 +344,7 @@ def test_module_imports_without_datasets():
 
 def test_train_tokenizer_example_script(tmp_path):
     train_file = tmp_path / "tiny.txt"
-    train_file.write_text("\n".join(make_docs(60, seed=3)) + "\n", encoding="utf-8")
+    train_file.write_text("\n\n".join(make_docs(60, seed=3)) + "\n", encoding="utf-8")
     out = tmp_path / "tok"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
@@ -357,7 +357,7 @@ def test_train_tokenizer_example_script(tmp_path):
     assert (out / "tokenizer.json").is_file()
     # A file with no more texts than --num_heldout leaves nothing to train on: a clear error, no tokenizer written.
     short = tmp_path / "short.txt"
-    short.write_text("\n".join(make_docs(3, seed=4)) + "\n", encoding="utf-8")
+    short.write_text("\n\n".join(make_docs(3, seed=4)) + "\n", encoding="utf-8")
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "examples" / "train_tokenizer.py"), "--train_file", str(short),
          "--num_heldout", "5", "--output_dir", str(tmp_path / "tok_short")],

@@ -42,7 +42,7 @@ def test_quickstart_runs_end_to_end_and_writes_a_hub_ready_folder(tmp_path):
 def test_quickstart_trains_on_a_users_file(tmp_path):
     text = tmp_path / "mine.txt"
     sentences = [f"Line {i} of my own corpus says that chunk {i % 7} follows chunk {i % 5}." for i in range(400)]
-    text.write_text("\n".join(sentences))
+    text.write_text("\n\n".join(sentences))  # one document per paragraph
     result = run_quickstart(tmp_path, "--max_steps", "2", "--train_file", str(text), "--vocab_size", "300")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mine.txt" in result.stdout and "BrierLM (held-out)" in result.stdout
@@ -66,7 +66,7 @@ def test_quickstart_rejects_an_empty_train_file(tmp_path):
 )
 def test_quickstart_rejects_bad_sizes(tmp_path, lines, args, message):
     text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"Line {i} of a corpus says that chunk {i % 7} follows chunk {i % 5}." for i in range(lines)))
+    text.write_text("\n\n".join(f"Line {i} of a corpus says that chunk {i % 7} follows chunk {i % 5}." for i in range(lines)))
     result = run_quickstart(tmp_path, "--train_file", str(text), "--vocab_size", "300", *args)
     assert result.returncode != 0
     assert "ValueError" in result.stderr and message in result.stderr
