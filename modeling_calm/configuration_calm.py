@@ -14,6 +14,8 @@ Field names follow the authors' configs (``patch_size``, ``latent_size``, ``nois
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 
 from transformers import AutoConfig, PretrainedConfig
@@ -23,6 +25,36 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 HEAD_TYPES = ("energy", "flow")
+
+# Decoder families accepted as the backbone: causal decoders whose state at chunk i depends only on chunks <= i
+# (each is tested for that, and for the forward, cache and generation paths, in the test suite). Encoders
+# (bert) and encoder-decoders (t5) would let training and BrierLM see the future.
+CAUSAL_BACKBONE_TYPES = ("gemma", "gemma2", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3")
+
+# Keys every saved config carries or that transformers passes to a config's __init__ (not unknown fields).
+_TRANSFORMERS_CONFIG_KEYS = frozenset({
+    "_name_or_path", "name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
+    "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+    "_experts_implementation", "chunk_size_feed_forward", "id2label", "label2id", "num_labels",
+    "is_encoder_decoder", "model_type", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
+    "use_cache", "tie_word_embeddings", "tokenizer_class", "task_specific_params", "keys_to_ignore_at_inference",
+    "finetuning_task", "prefix", "sep_token_id", "decoder_start_token_id", "base_model_tp_plan", "base_model_pp_plan",
+    "_from_model_config", "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder",
+    "pruned_heads", "torchscript", "use_bfloat16", "tf_legacy_loss", "_output_attentions",
+    "pad_token_id", "bos_token_id", "eos_token_id",
+})
+
+
+def _warn_unknown_keys(config_class: type, kwargs: dict) -> None:
+    """Log (as transformers does for unused kwargs) the keys that no field of `config_class` reads, e.g. a typo."""
+    own = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(k for k in kwargs if k not in own and k not in _TRANSFORMERS_CONFIG_KEYS and not k.startswith("_"))
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(own), n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        logger.warning(
+            f"{config_class.__name__} got the unknown key `{key}`: it is kept as an attribute but nothing reads it.{hint}"
+        )
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -96,6 +128,7 @@ class CalmAutoencoderConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        _warn_unknown_keys(type(self), kwargs)
         super().__init__(**kwargs)
         self.validate_calm()
 
@@ -132,10 +165,12 @@ def _build_backbone_config(backbone_config, vocab_size: int) -> PretrainedConfig
     if backbone_config is None:
         return AutoConfig.for_model("llama", vocab_size=vocab_size, **DEFAULT_BACKBONE)
     if isinstance(backbone_config, PretrainedConfig):
+        _check_causal_backbone(backbone_config.model_type)
         return backbone_config
     if isinstance(backbone_config, dict):
         values = dict(backbone_config)
         model_type = values.pop("model_type", "llama")
+        _check_causal_backbone(model_type)
         try:
             return AutoConfig.for_model(model_type, **values)
         except ValueError as error:
@@ -146,6 +181,15 @@ def _build_backbone_config(backbone_config, vocab_size: int) -> PretrainedConfig
     raise ValueError(
         f"`backbone_config` must be None, a dict or a transformers PretrainedConfig, got {type(backbone_config)}."
     )
+
+
+def _check_causal_backbone(model_type) -> None:
+    if model_type not in CAUSAL_BACKBONE_TYPES:
+        raise ValueError(
+            f"`backbone_config.model_type` {model_type!r} is not an accepted causal decoder: the backbone's state at "
+            f"chunk i must depend only on chunks <= i (an encoder such as 'bert' or an encoder-decoder such as 't5' "
+            f"would let training and BrierLM see the future). Accepted families: {', '.join(CAUSAL_BACKBONE_TYPES)}."
+        )
 
 
 class CalmConfig(PretrainedConfig):
@@ -219,6 +263,10 @@ class CalmConfig(PretrainedConfig):
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if name not in kwargs:
                 kwargs[name] = getattr(self.backbone_config, name, None)
+        # Derived from the backbone (see the properties): never stored twice.
+        for name in ("hidden_size", "vocab_size", "max_position_embeddings"):
+            kwargs.pop(name, None)
+        _warn_unknown_keys(type(self), kwargs)
         super().__init__(**kwargs)
         self.validate_calm()
 
@@ -230,6 +278,12 @@ class CalmConfig(PretrainedConfig):
     @property
     def vocab_size(self) -> int:
         return self.backbone_config.vocab_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The context in tokens: the backbone's `max_position_embeddings` counts chunks, each of K tokens. Where
+        transformers, pipelines and lm-eval look for a model's context length."""
+        return self.backbone_config.max_position_embeddings * self.patch_size
 
     def validate_calm(self) -> None:
         """Raise a `ValueError` naming the field and the rule for any inconsistent value."""
@@ -272,4 +326,5 @@ class CalmConfig(PretrainedConfig):
         # `hidden_size`/`vocab_size` are properties of the backbone: never write them twice.
         output.pop("hidden_size", None)
         output.pop("vocab_size", None)
+        output.pop("max_position_embeddings", None)
         return output
