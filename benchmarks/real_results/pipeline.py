@@ -10,7 +10,15 @@ Stages (each resumable: a finished stage leaves `WORK/<stage>/done.json` and is 
   eval      BrierLM of both final models on the whole evaluation text over --seeds
   eval_heldout  the same on in-domain held-out text (DATA/heldout.jsonl, written by prepare_data.py
             --holdout_every N); skipped when there is none
-  samples   continuations of evaluation prompts at T = 1, 0.5, 0.33 from both models
+  samples   continuations of evaluation prompts at T = 1, 0.5, 0.33 (--temperatures) from every trained model
+  upcycle   (not a default stage) a CALM upcycled with `CalmForCausalLM.from_causal_lm` from the baseline's checkpoint
+            at --donor_seconds X (saved by the baseline stage during its --lm_seconds run), trained for the rest of
+            --lm_seconds, so that donor + CALM get the same training time as each model trained from scratch
+  summary   (not a default stage, never skipped) the equal-compute comparison of the three arms, Transformer / CALM
+            from scratch / Transformer then upcycled CALM, as results.json["upcycling"] and a printed table
+
+Upcycling at equal compute (issue 19): `--lm_seconds 120 --donor_seconds 60 --stages ae baseline upcycle calm
+eval_heldout eval samples summary`; eval and samples score the upcycled CALM too (as "upcycle").
 
 A second CALM (e.g. K = 2) can share a finished run's baseline: `--patch_size 2 --reuse_baseline WORK_OF_K4`
 links that baseline into the new WORK folder and skips its training.
@@ -25,6 +33,7 @@ corpus arrives as the uint16 array written by prepare_data.py), and runs on a CP
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -51,9 +60,12 @@ from modeling_calm import CalmAutoencoder, CalmAutoencoderConfig, CalmForCausalL
 from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks  # noqa: E402
 
 
-STAGES = ("ae", "ae_eval", "calm", "baseline", "eval", "eval_heldout", "samples")
+STAGES = ("ae", "ae_eval", "calm", "baseline", "eval", "eval_heldout", "samples")  # the default run
+EXTRA_STAGES = ("upcycle", "summary")
+MODELS = ("calm", "baseline", "upcycle")  # WORK/<name>/model; eval and samples score those that exist
 NOISE_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5)
 TEMPERATURES = (1.0, 0.5, 0.33)
+CALM_HEAD = dict(noise_size=64, num_mlp_layers=4, num_samples=8, num_target_samples=100)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -79,10 +91,12 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 class TimeBudget(TrainerCallback):
     """Stops training after `seconds` of training time; every `curve_every` seconds calls `probe(model, step)`,
-    whose time is not counted (evaluation is not training compute)."""
+    whose time is not counted (evaluation is not training compute); once, at the first step end at or past
+    `mark_seconds`, calls `on_mark(model, step, train_time)` (not counted either: e.g. saving a checkpoint)."""
 
-    def __init__(self, seconds: float, curve_every: float | None = None, probe=None):
+    def __init__(self, seconds: float, curve_every: float | None = None, probe=None, mark_seconds=None, on_mark=None):
         self.seconds, self.curve_every, self.probe = seconds, curve_every, probe
+        self.mark_seconds, self.on_mark = mark_seconds, on_mark
         self.train_time, self.last, self.next_probe, self.step_times = 0.0, None, curve_every, []
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -99,6 +113,9 @@ class TimeBudget(TrainerCallback):
         if self.probe is not None and self.next_probe is not None and self.train_time >= self.next_probe:
             self.probe(model, state.global_step, self.train_time)
             self.next_probe += self.curve_every
+        if self.on_mark is not None and self.train_time >= self.mark_seconds:
+            self.on_mark(model, state.global_step, self.train_time)
+            self.on_mark = None
         if self.train_time >= self.seconds:
             control.should_training_stop = True
         return control
@@ -107,6 +124,15 @@ class TimeBudget(TrainerCallback):
 def write_json(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
+
+
+def state_checksum(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, shapes and float32 values, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def update_results(work: Path, key: str, value) -> None:
@@ -254,13 +280,15 @@ def _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step):
     return probe
 
 
-def _train_lm(work, name, model, args, train_ids, eval_blocks, flops_per_token):
+def _train_lm(work, name, model, args, train_ids, eval_blocks, flops_per_token, seconds=None, lr=None,
+              mark_seconds=None, on_mark=None, extra=None):
     curve = []
     tokens_per_step = args.lm_batch * args.block_size
-    budget = TimeBudget(args.lm_seconds, args.curve_every,
-                        _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step))
+    budget = TimeBudget(args.lm_seconds if seconds is None else seconds, args.curve_every,
+                        _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step),
+                        mark_seconds=mark_seconds, on_mark=on_mark)
     trainer = Trainer(
-        model=model, args=training_arguments(work / name, args, args.lm_lr, args.lm_batch, 200),
+        model=model, args=training_arguments(work / name, args, lr or args.lm_lr, args.lm_batch, 200),
         train_dataset=TokenBlocks(train_ids, args.block_size), callbacks=[budget],
     )
     result = trainer.train()
@@ -275,7 +303,7 @@ def _train_lm(work, name, model, args, train_ids, eval_blocks, flops_per_token):
         "train_flops": tokens * flops_per_token,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "final_loss": log[-1]["loss"] if log else None, "curve": curve, "log": log,
+        "final_loss": log[-1]["loss"] if log else None, "curve": curve, **(extra or {}), "log": log,
     }
     write_json(work / name / "done.json", summary)
     update_results(work, f"{name}_training", {k: v for k, v in summary.items() if k != "log"})
@@ -295,8 +323,7 @@ def stage_calm(work, args, tokenizer, train_ids, eval_blocks):
     autoencoder = CalmAutoencoder.from_pretrained(work / "ae" / "model")
     k = autoencoder.config.patch_size
     model = CalmForCausalLM.from_autoencoder(
-        autoencoder, backbone_config=backbone_config(args, tokenizer, args.block_size // k).to_dict(),
-        noise_size=64, num_mlp_layers=4, num_samples=8, num_target_samples=100,
+        autoencoder, backbone_config=backbone_config(args, tokenizer, args.block_size // k).to_dict(), **CALM_HEAD
     )
     _train_lm(work, "calm", model, args, train_ids, eval_blocks, calm_flops_per_token(model, args.block_size // k))
 
@@ -304,18 +331,62 @@ def stage_calm(work, args, tokenizer, train_ids, eval_blocks):
 def stage_baseline(work, args, tokenizer, train_ids, eval_blocks):
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(backbone_config(args, tokenizer, args.block_size))
-    _train_lm(work, "baseline", model, args, train_ids, eval_blocks, llama_flops_per_token(model, args.block_size))
+    flops_per_token = llama_flops_per_token(model, args.block_size)
+    tokens_per_step = args.lm_batch * args.block_size
+    donor = {}
+
+    def save_donor(model, step, train_time):  # the Transformer at X seconds: the upcycle stage's starting point
+        model.save_pretrained(work / "baseline" / "donor")
+        donor.update(steps=step, train_seconds=train_time, tokens=step * tokens_per_step,
+                     flops_per_token=flops_per_token, train_flops=step * tokens_per_step * flops_per_token,
+                     backbone_checksum=state_checksum(model.model))
+        write_json(work / "baseline" / "donor" / "donor.json", donor)
+        print(f"[baseline] donor saved at step {step}, {train_time:.1f}s of training", flush=True)
+
+    marks = dict(mark_seconds=args.donor_seconds, on_mark=save_donor, extra={"donor": donor}) if args.donor_seconds else {}
+    _train_lm(work, "baseline", model, args, train_ids, eval_blocks, flops_per_token, **marks)
+
+
+def stage_upcycle(work, args, tokenizer, train_ids, eval_blocks):
+    """Arm (c): the baseline's X-second checkpoint, upcycled into a CALM and trained for the rest of --lm_seconds."""
+    path = work / "baseline" / "donor"
+    if not (path / "donor.json").exists():
+        raise ValueError(f"no donor checkpoint in {path}: run the baseline stage with --donor_seconds X (in a fresh "
+                         "WORK folder, or after removing WORK/baseline).")
+    donor = json.loads((path / "donor.json").read_text())
+    seconds = args.lm_seconds - donor["train_seconds"]
+    if seconds <= 0:
+        raise ValueError(f"the donor trained {donor['train_seconds']:.1f}s, nothing is left of --lm_seconds "
+                         f"{args.lm_seconds}.")
+    autoencoder = CalmAutoencoder.from_pretrained(work / "ae" / "model")
+    if autoencoder.config.vocab_size != len(tokenizer):
+        raise ValueError(f"the autoencoder's vocabulary ({autoencoder.config.vocab_size}) is not the data's tokenizer's "
+                         f"({len(tokenizer)}): WORK/ae was trained on other data.")
+    transformer = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if state_checksum(transformer.model) != donor["backbone_checksum"]:
+        raise ValueError(f"{path} does not hold the weights its donor.json describes.")
+    torch.manual_seed(args.seed)
+    model = CalmForCausalLM.from_causal_lm(transformer, autoencoder=autoencoder, **CALM_HEAD)
+    del transformer
+    start = {"backbone_checksum": state_checksum(model.model)}  # before training: must be the donor's
+    k = autoencoder.config.patch_size
+    _train_lm(work, "upcycle", model, args, train_ids, eval_blocks, calm_flops_per_token(model, args.block_size // k),
+              seconds=seconds, lr=args.upcycle_lr, extra={"donor": donor, "start": start})
 
 
 def load_lm(work, name, args):
-    cls = CalmForCausalLM if name == "calm" else LlamaForCausalLM
+    cls = LlamaForCausalLM if name == "baseline" else CalmForCausalLM
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     return cls.from_pretrained(work / name / "model", dtype=dtype).to(args.device).eval()
 
 
+def trained_models(work) -> list[str]:
+    return [name for name in MODELS if (work / name / "model").is_dir()]
+
+
 def stage_eval(work, args, tokenizer, eval_blocks, stage="eval", key="brier_lm"):
     results = {}
-    for name in ("calm", "baseline"):
+    for name in trained_models(work):
         model = load_lm(work, name, args)
         start = time.perf_counter()
         result = evaluate_brier(model, eval_blocks, batch_size=args.eval_batch, seeds=tuple(args.seeds), progress=False)
@@ -331,13 +402,13 @@ def stage_eval(work, args, tokenizer, eval_blocks, stage="eval", key="brier_lm")
 def stage_samples(work, args, tokenizer, eval_blocks):
     prompt_ids = eval_blocks["input_ids"][: args.num_prompts, : args.prompt_tokens].to(args.device)
     samples = {"prompts": tokenizer.batch_decode(prompt_ids)}
-    for name in ("calm", "baseline"):
+    for name in trained_models(work):
         model = load_lm(work, name, args)
-        for temperature in TEMPERATURES:
+        for temperature in args.temperatures:
             generator = torch.Generator(device=args.device).manual_seed(0)
             torch.manual_seed(0)
             kwargs = dict(max_new_tokens=args.new_tokens, temperature=temperature)
-            if name == "calm":
+            if name != "baseline":
                 # Eager decoding: compiling the step for a few 64-token samples costs more GPU time than it saves.
                 kwargs.update(generator=generator, sampling_method="approximate" if temperature < 1 else None,
                               num_candidates=200, calm_compile=False)
@@ -350,12 +421,64 @@ def stage_samples(work, args, tokenizer, eval_blocks):
     update_results(work, "samples", samples)
 
 
+def stage_summary(work, args):
+    """The three arms of the equal-compute comparison, from what the other stages wrote into results.json."""
+    results = json.loads((work / "results.json").read_text())
+    missing = [key for key in ("baseline_training", "calm_training", "upcycle_training") if key not in results]
+    if missing:
+        raise ValueError(f"the summary needs the baseline, calm and upcycle stages; results.json lacks {missing}.")
+
+    def scores(name):
+        row = {}
+        for key, label in (("brier_lm_heldout", "heldout"), ("brier_lm", "wikitext103")):
+            if name in results.get(key, {}):
+                result = results[key][name]
+                row[f"brier_lm_{label}"] = {"mean": result["mean"]["brier_lm"], "std": result["std"]["brier_lm"],
+                                            "brier_1_mean": result["mean"]["brier_1"], "seeds": result["seeds"]}
+        samples = results.get("samples", {})
+        row["samples"] = {f"T{t}": samples[f"{name}_T{t}"] for t in args.temperatures if f"{name}_T{t}" in samples}
+        return row
+
+    def arm(training):
+        return {"train_seconds": training["train_seconds"], "steps": training["steps"], "tokens": training["tokens"],
+                "train_flops": training["train_flops"]}
+
+    baseline, calm, upcycle = (results[f"{n}_training"] for n in ("baseline", "calm", "upcycle"))
+    donor = upcycle["donor"]
+    arms = {
+        "a_transformer": {**arm(baseline), **scores("baseline")},
+        "b_calm_scratch": {**arm(calm), **scores("calm")},
+        "c_upcycled": {
+            "train_seconds": donor["train_seconds"] + upcycle["train_seconds"],
+            "steps": donor["steps"] + upcycle["steps"], "tokens": donor["tokens"] + upcycle["tokens"],
+            "train_flops": donor["train_flops"] + upcycle["train_flops"],
+            "donor": {k: donor[k] for k in ("train_seconds", "steps", "tokens", "train_flops")},
+            "calm": arm(upcycle), **scores("upcycle"),
+        },
+    }
+    summary = {"x_seconds": donor["train_seconds"], "y_seconds": upcycle["train_seconds"],
+               "lm_seconds": args.lm_seconds, "arms": arms}
+    update_results(work, "upcycling", summary)
+
+    def brier(row, label):
+        value = row.get(f"brier_lm_{label}")
+        return f"{value['mean']:.2f} +- {value['std']:.2f}" if value else "-"
+
+    print(f"\nUpcycling at equal compute: X = {summary['x_seconds']:.0f}s, Y = {summary['y_seconds']:.0f}s", flush=True)
+    print(f"{'arm':<34} {'train s':>8} {'steps':>7} {'train FLOPs':>12} {'BrierLM held-out':>17} {'BrierLM WT103':>14}")
+    labels = {"a_transformer": "(a) Transformer X+Y", "b_calm_scratch": "(b) CALM from scratch X+Y",
+              "c_upcycled": "(c) Transformer X -> upcycled CALM Y"}
+    for key, row in arms.items():
+        print(f"{labels[key]:<34} {row['train_seconds']:>8.1f} {row['steps']:>7} {row['train_flops']:>12.3e} "
+              f"{brier(row, 'heldout'):>17} {brier(row, 'wikitext103'):>14}", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=".gpu")
     parser.add_argument("--work", default="runs/real_results")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + EXTRA_STAGES)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and budgets: a CPU check of the pipeline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block_size", type=int, default=2048)
@@ -373,11 +496,17 @@ def main():
     parser.add_argument("--lm_seconds", type=float, default=300)
     parser.add_argument("--lm_batch", type=int, default=16)
     parser.add_argument("--lm_lr", type=float, default=5e-4)
+    parser.add_argument("--donor_seconds", type=float, default=None, metavar="X",
+                        help="the baseline saves its checkpoint at X seconds of training (WORK/baseline/donor), the "
+                             "starting point of the upcycle stage, which trains for --lm_seconds minus X")
+    parser.add_argument("--upcycle_lr", type=float, default=None, help="learning rate of the upcycle stage "
+                                                                          "(default: --lm_lr)")
     parser.add_argument("--curve_every", type=float, default=60)
     parser.add_argument("--curve_blocks", type=int, default=32)
     parser.add_argument("--eval_block_size", type=int, default=1024)
     parser.add_argument("--eval_batch", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
     parser.add_argument("--num_prompts", type=int, default=4)
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -393,6 +522,9 @@ def main():
         args.ae_batch = args.lm_batch = 8
         args.seeds, args.num_prompts, args.new_tokens = [0, 1], 2, 8
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.donor_seconds is not None and not 0 < args.donor_seconds < args.lm_seconds:
+        raise ValueError(f"--donor_seconds must be > 0 and below --lm_seconds ({args.lm_seconds}), "
+                         f"got {args.donor_seconds}.")
 
     data, work = Path(args.data), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -423,6 +555,9 @@ def main():
                                    "arguments": {k: v for k, v in vars(args).items()},
                                    "eval_blocks": int(eval_blocks["input_ids"].shape[0])})
     for stage in args.stages:
+        if stage == "summary":
+            stage_summary(work, args)
+            continue
         if (work / stage / "done.json").exists():
             print(f"[{stage}] already done", flush=True)
             continue
@@ -436,6 +571,8 @@ def main():
             stage_calm(work, args, tokenizer, train_ids, eval_blocks)
         elif stage == "baseline":
             stage_baseline(work, args, tokenizer, train_ids, eval_blocks)
+        elif stage == "upcycle":
+            stage_upcycle(work, args, tokenizer, train_ids, eval_blocks)
         elif stage == "eval":
             stage_eval(work, args, tokenizer, eval_blocks)
         elif stage == "eval_heldout":
