@@ -460,17 +460,23 @@ def stage_summary(work, args):
                "lm_seconds": args.lm_seconds, "arms": arms}
     update_results(work, "upcycling", summary)
 
-    def brier(row, label):
+    def brier(row, label, brier_1=False):
         value = row.get(f"brier_lm_{label}")
-        return f"{value['mean']:.2f} +- {value['std']:.2f}" if value else "-"
+        if not value:
+            return "-"
+        return f"{100 * value['brier_1_mean']:.2f}" if brier_1 else f"{value['mean']:.2f} +- {value['std']:.2f}"
 
     print(f"\nUpcycling at equal compute: X = {summary['x_seconds']:.0f}s, Y = {summary['y_seconds']:.0f}s", flush=True)
-    print(f"{'arm':<34} {'train s':>8} {'steps':>7} {'train FLOPs':>12} {'BrierLM held-out':>17} {'BrierLM WT103':>14}")
+    print(f"{'arm':<37} {'train s':>8} {'steps':>7} {'train FLOPs':>12} {'BrierLM held-out':>17} "
+          f"{'Brier-1 x 100':>13} {'BrierLM WT103':>14}")
     labels = {"a_transformer": "(a) Transformer X+Y", "b_calm_scratch": "(b) CALM from scratch X+Y",
               "c_upcycled": "(c) Transformer X -> upcycled CALM Y"}
     for key, row in arms.items():
-        print(f"{labels[key]:<34} {row['train_seconds']:>8.1f} {row['steps']:>7} {row['train_flops']:>12.3e} "
-              f"{brier(row, 'heldout'):>17} {brier(row, 'wikitext103'):>14}", flush=True)
+        print(f"{labels[key]:<37} {row['train_seconds']:>8.1f} {row['steps']:>7} {row['train_flops']:>12.3e} "
+              f"{brier(row, 'heldout'):>17} {brier(row, 'heldout', True):>13} {brier(row, 'wikitext103'):>14}",
+              flush=True)
+    print(f"(BrierLM: mean +- std over seeds {args.seeds}; Brier-1 on the held-out text; FLOPs of (c): the donor's X "
+          "seconds plus the CALM's Y)", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 # during (a), not trained twice) upcycled into a CALM and trained for Y s. Then BrierLM over SEEDS on the held-out
 # text and on WikiText-103, samples at T = 1 and 0.5, the autoencoder's accuracy and the summary table.
 #
-# Environment: AE_SECONDS (45), X (50), Y (50), SEEDS ("0 1 2"), LIMIT (450: seconds after which the pipeline is
+# Environment: AE_SECONDS (45), X (50), Y (50), SEEDS ("0 1 2"), LIMIT (460: seconds after which the pipeline is
 # interrupted and what it finished is still copied to OUT), PYTHON (python), TINY (0; 1: --tiny, a CPU check).
 set -u
 if [ $# -ne 3 ]; then
@@ -17,7 +17,7 @@ if [ $# -ne 3 ]; then
     exit 2
 fi
 DATA=$1 WORK=$2 OUT=$3
-AE_SECONDS=${AE_SECONDS:-45} X=${X:-50} Y=${Y:-50} SEEDS=${SEEDS:-0 1 2} LIMIT=${LIMIT:-450}
+AE_SECONDS=${AE_SECONDS:-45} X=${X:-50} Y=${Y:-50} SEEDS=${SEEDS:-0 1 2} LIMIT=${LIMIT:-460}
 PYTHON=${PYTHON:-python} TINY=${TINY:-0}
 for file in train_ids.npy tokenizer heldout.jsonl eval.jsonl data.json; do
     if [ ! -e "$DATA/$file" ]; then
@@ -34,7 +34,7 @@ LM_SECONDS=$("$PYTHON" -c "print($X + $Y)")
 
 start=$(date +%s)
 # shellcheck disable=SC2086  # SEEDS is a list
-timeout -s INT "$LIMIT" "$PYTHON" -u "$HERE/pipeline.py" --data "$DATA" --work "$WORK" \
+timeout -s INT -k 15 "$LIMIT" "$PYTHON" -u "$HERE/pipeline.py" --data "$DATA" --work "$WORK" \
     --ae_seconds "$AE_SECONDS" --lm_seconds "$LM_SECONDS" --donor_seconds "$X" --curve_every 25 \
     --seeds $SEEDS --temperatures 1.0 0.5 "${EXTRA[@]}" \
     --stages ae baseline upcycle calm eval_heldout eval samples ae_eval summary 2>&1 | tee "$LOG"
