@@ -113,7 +113,7 @@ def sft_texts(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, cha
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
             if not completion.strip():
-                raise ValueError(f"{name}: the answer (`completion`) is empty; every record needs an answer to train on.")
+                raise ValueError(f"{name}: the answer (`completion`) is empty; every record needs an answer.")
             return prompt, completion
         if isinstance(prompt, str) or isinstance(completion, str):
             raise ValueError(f"{name}: `prompt` and `completion` must both be strings or both lists of messages.")

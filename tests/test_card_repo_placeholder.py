@@ -35,7 +35,8 @@ def test_push_calm_to_hub_writes_the_repo_into_a_placeholder_card(tmp_path, monk
     pushed = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id})())
     monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kw: pushed.update(
-        {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations if op.path_in_repo == "README.md"}))
+        {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations
+         if op.path_in_repo == "README.md"}))
     model = CalmForCausalLM(tiny_calm_config())
     folder = tmp_path / "calm"
     model.save_pretrained(folder)
@@ -51,7 +52,7 @@ def test_push_calm_to_hub_writes_the_repo_into_a_placeholder_card(tmp_path, monk
 def test_quickstart_card_names_the_hub_repo_or_the_placeholder(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     text = tmp_path / "text.txt"
-    text.write_text("\n\n".join(f"Line {i} of a corpus says that chunk {i % 7} follows chunk {i % 5}." for i in range(200)))
+    text.write_text("\n\n".join(f"Line {i} of a corpus: chunk {i % 7} follows chunk {i % 5}." for i in range(200)))
     command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output_dir", str(tmp_path / "out"),
                "--train_file", str(text), "--vocab_size", "300", "--preset", "tiny", "--block_size", "32",
                "--max_steps", "1", "--hub_repo_id", "me/my-calm"]
