@@ -28,8 +28,9 @@ import os
 from dataclasses import dataclass, field
 
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
 
+from modeling_calm import CalmTrainer
 from modeling_calm.card_calm import build_model_card
 from modeling_calm.data_calm import (
     CalmDataCollator, load_text_dataset, load_tokenizer, model_context_tokens, save_tokenizer_with_model,
@@ -113,10 +114,9 @@ def main():
     model = get_peft_model(model, lora)
     model.print_trainable_parameters()
 
-    # The model's loss is a per-batch mean and it sets accepts_loss_kwargs=False, so gradient accumulation is
-    # scaled correctly by the plain Trainer. Blocks have a fixed length: the collator only stacks them.
-    trainer_class = Trainer  # CALM-TRAINER-SWITCH: CalmTrainer (modeling_calm.trainer_calm) once merged
-    trainer = trainer_class(
+    # CalmTrainer: the model's per-batch mean loss scaled correctly under gradient accumulation, dataloader_pin_memory
+    # off on a CPU (no warning per dataloader), non-finite checks. Blocks have a fixed length: the collator stacks them.
+    trainer = CalmTrainer(
         model=model,
         args=training_args,
         train_dataset=blocks,

@@ -59,6 +59,9 @@ class QuickstartArguments:
     vocab_size: int = field(default=1024, metadata={"help": "Size of the BPE vocabulary to train."})
     block_size: int = field(default=256, metadata={"help": "Tokens per training/evaluation block."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and sampling."})
+    hub_repo_id: str | None = field(default=None, metadata={
+        "help": "The Hub repo you will push the folder to ('user/name'), named in the model card's loading snippet "
+                "(default: a placeholder the card explains; push_calm_to_hub fills it in)."})
 
 
 def builtin_corpus() -> list[str]:
@@ -195,12 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer_name = f"byte-level BPE ({len(tokenizer)} tokens) trained on the same text"
     model.save_pretrained(out)
     save_tokenizer_with_model(tokenizer, model, out)  # model_max_length = the context in tokens
-    build_model_card(model, model_name=f"calm-quickstart-{args.preset}", brier_lm={**brier, **data},
+    name = args.hub_repo_id.split("/")[-1] if args.hub_repo_id else f"calm-quickstart-{args.preset}"
+    build_model_card(model, model_name=name, repo_id=args.hub_repo_id, brier_lm={**brier, **data},
                      autoencoder_accuracy={**accuracy, **data}, training_data=source,
                      tokenizer_name=tokenizer_name).save(out / "README.md")
     autoencoder.save_pretrained(out / "autoencoder")
     tokenizer.save_pretrained(out / "autoencoder")
-    build_autoencoder_card(autoencoder, model_name=f"calm-quickstart-{args.preset}-autoencoder",
+    build_autoencoder_card(autoencoder, model_name=f"{name}-autoencoder",
+                           repo_id=args.hub_repo_id and f"{args.hub_repo_id}-autoencoder",
                            accuracy={**accuracy, **data}, noise_robustness={0.3: accuracy["noise_0.3"]},
                            training_data=source, tokenizer_name=tokenizer_name).save(out / "autoencoder" / "README.md")
 

@@ -50,6 +50,25 @@ CALM_TAGS = ["calm", "continuous-autoregressive", "custom_code"]
 BRIER_KEYS = ("brier_1", "brier_2", "brier_3", "brier_4")
 # Advice of the paper for fluent text (CALM.md section 4).
 FLUENT_TEMPERATURE, FLUENT_NUM_CANDIDATES = 0.5, 200
+# A card built without `repo_id` names `REPO_PLACEHOLDER/<model_name>` in its loading snippet, with a sentence that
+# says so; `push_calm_to_hub` (and `CalmTrainer` when pushing) write the real repo id in (`fill_repo_id`).
+REPO_PLACEHOLDER = "YOUR-USERNAME"
+_PLACEHOLDER_REPO = re.compile(re.escape(REPO_PLACEHOLDER) + r"/[\w.-]+")
+_PLACEHOLDER_NOTE = re.compile(r"\n`" + re.escape(REPO_PLACEHOLDER) + r"/[^`]*` is a placeholder:[^\n]*\n")
+
+
+def _repo_and_note(repo_id: str | None, model_name: str) -> tuple[str, str]:
+    if repo_id:
+        return repo_id, ""
+    repo = f"{REPO_PLACEHOLDER}/{model_name}"
+    return repo, (f"\n`{repo}` is a placeholder: put the id of the Hub repository this folder is pushed to (or its "
+                  "local path); `push_calm_to_hub` writes it in.\n")
+
+
+def fill_repo_id(card_text: str, repo_id: str) -> str:
+    """The card text with the `REPO_PLACEHOLDER/<name>` of a card built without `repo_id` replaced by `repo_id`
+    (and the sentence explaining the placeholder removed); other cards are returned unchanged."""
+    return _PLACEHOLDER_REPO.sub(repo_id, _PLACEHOLDER_NOTE.sub("", card_text))
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", ".csv", ".gz", ".xz", ".bz2")
 
@@ -393,7 +412,8 @@ def build_model_card(
     Args:
         model_or_config: the model (parameters counted as they are) or its config (built on the meta device).
         model_name: the name in the title and in the model-index.
-        repo_id: the Hub id used in the loading example (default: `model_name`).
+        repo_id: the Hub id (or path) used in the loading example (default: `REPO_PLACEHOLDER/<model_name>`,
+            explained in the card; `push_calm_to_hub` fills in the repo it pushes to).
         brier_lm: BrierLM as a number, or a dict with `brier_lm` and optionally `brier_1`..`brier_4`, `std`,
             `num_seeds`, `num_positions`, and the dataset: `dataset` (Hub id), `dataset_name`, `split`. The result
             of `evaluation_calm.evaluate_brier` (with "mean"/"std"/"seeds") is read as well: pass
@@ -423,7 +443,7 @@ def build_model_card(
     backbone, k = config.backbone_config, config.patch_size
     brier = _brier_info(brier_lm)
     accuracy = _accuracy_info(autoencoder_accuracy, "autoencoder_accuracy")
-    repo = repo_id or model_name
+    repo, placeholder_note = _repo_and_note(repo_id, model_name)
     data_text, dataset_ids = _data_and_tokenizer(training_data, tokenizer_name, tokenizer_license)
 
     eval_results = (_brier_results(brier) if brier else []) + (_accuracy_results(accuracy) if accuracy else [])
@@ -489,7 +509,7 @@ output = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=6
                         num_candidates={FLUENT_NUM_CANDIDATES}, seed=0)
 print(tokenizer.decode(output[0], skip_special_tokens=True))
 ```
-
+{placeholder_note}
 `generate` produces K = {k} tokens per step; each step samples the next latent with the head and decodes it with
 the autoencoder.
 
@@ -562,7 +582,7 @@ def build_autoencoder_card(
         _number(sigma, "noise_robustness key"): _number(acc, f"noise_robustness[{sigma}]")
         for sigma, acc in (noise_robustness or {}).items()
     }
-    repo, k = repo_id or model_name, config.patch_size
+    (repo, placeholder_note), k = _repo_and_note(repo_id, model_name), config.patch_size
     data_text, dataset_ids = _data_and_tokenizer(training_data, tokenizer_name, tokenizer_license)
     eval_results = _accuracy_results(info, robustness) if info or robustness else []
     data = ModelCardData(
@@ -617,7 +637,7 @@ ids = ids[:, : ids.shape[1] // {k} * {k}]                 # whole chunks of K = 
 mean, log_std = autoencoder.encode(ids)                  # [1, chunks, {config.latent_size}]
 tokens = autoencoder.decode_tokens(mean)                 # back to [1, chunks * {k}] token ids
 ```
-
+{placeholder_note}
 ## Intended use and limitations
 
 - Stage 1 of CALM (train a language model on its latents with `CalmForCausalLM.from_autoencoder`), and a
@@ -773,13 +793,20 @@ def push_calm_to_hub(
 
         if card is None and "README.md" not in files and config is not None:
             card = _default_card(folder, config.get("model_type"), repo_id)
+        readme = os.path.join(staging, "README.md")
         if card is not None:
-            card = card if isinstance(card, ModelCard) else ModelCard(str(card))
+            card = ModelCard(fill_repo_id(str(card), repo_id))  # a card built without repo_id names this repo
             if validate_card:
                 card.validate()
-            readme = os.path.join(staging, "README.md")
             card.save(readme)
             files["README.md"] = readme
+        elif "README.md" in files:
+            with open(files["README.md"], encoding="utf-8") as file:
+                text = file.read()
+            if fill_repo_id(text, repo_id) != text:
+                with open(readme, "w", encoding="utf-8") as file:
+                    file.write(fill_repo_id(text, repo_id))
+                files["README.md"] = readme
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id

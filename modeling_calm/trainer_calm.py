@@ -48,7 +48,7 @@ from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_N
 from transformers.utils import logging
 
 from .brier_calm import BRIER_LM_MAX_N, brier_lm
-from .card_calm import CALM_TAGS
+from .card_calm import CALM_TAGS, fill_repo_id
 from .data_calm import check_block_size, model_context_tokens
 
 
@@ -272,6 +272,13 @@ class _CalmStatsTrainer(Trainer):
         path = os.path.join(self.args.output_dir, "README.md")
         if os.path.isfile(path) and CALM_TAGS[0] in (ModelCard.load(path).data.tags or []):
             logger.info(f"Keeping the CALM model card {path} (not replaced by the Trainer's draft).")
+            repo_id = getattr(self, "hub_model_id", None)
+            if repo_id:  # a card built without repo_id: name the repo it is pushed to
+                with open(path, encoding="utf-8") as file:
+                    text = file.read()
+                if fill_repo_id(text, repo_id) != text:
+                    with open(path, "w", encoding="utf-8") as file:
+                        file.write(fill_repo_id(text, repo_id))
             return
         super().create_model_card(*args, **kwargs)
 
