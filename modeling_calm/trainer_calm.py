@@ -38,8 +38,9 @@ from huggingface_hub import ModelCard
 from transformers import EvalPrediction, Trainer
 from transformers.utils import logging
 
-from .brier_calm import BRIER_LM_MAX_N, brier_lm
 from .card_calm import CALM_TAGS
+from .modeling_calm import next_chunk_targets
+from .modeling_calm_brier import BRIER_LM_MAX_N, brier_lm
 
 
 logger = logging.get_logger(__name__)
@@ -138,17 +139,6 @@ class _CalmStatsTrainer(Trainer):
         return metrics
 
 
-def _chunk_target_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None, patch_size: int) -> torch.Tensor:
-    """Scored next-chunk targets per example `[B]`, by the rule of `CalmForCausalLM.forward`: target chunk i+1 counts
-    when none of its labels is -100 and neither it nor chunk i is padding."""
-    batch = labels.shape[0]
-    valid = (labels.reshape(batch, -1, patch_size)[:, 1:] != -100).all(-1)  # [B, L-1]
-    if attention_mask is not None and attention_mask.shape[-1] == labels.shape[-1]:
-        chunks = attention_mask.reshape(batch, -1, patch_size).amax(-1).bool()  # [B, L]
-        valid &= chunks[:, :-1] & chunks[:, 1:]
-    return valid.sum(-1)
-
-
 class CalmTrainer(_CalmStatsTrainer):
     """`Trainer` for stage 2: a `CalmForCausalLM` on its frozen autoencoder (CALM.md section 2).
 
@@ -188,7 +178,8 @@ class CalmTrainer(_CalmStatsTrainer):
         return_brier = self.eval_brier and not prediction_loss_only
         outputs = model(**inputs, return_brier=return_brier, use_cache=False)
         patch_size = self.accelerator.unwrap_model(model).config.patch_size
-        weights = _chunk_target_counts(inputs["labels"], inputs.get("attention_mask"), patch_size)
+        # Scored next-chunk targets per example [B], by the forward's own rule (token or chunk attention masks).
+        weights = next_chunk_targets(inputs["labels"], patch_size, inputs.get("attention_mask"))[1].sum(-1)
         brier = [None] * BRIER_LM_MAX_N
         if outputs.brier is not None:
             brier[: outputs.brier.numel()] = list(outputs.brier.unbind())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from modeling_calm.data_calm import train_bpe_tokenizer
+from tests.utils import WORDS, write_word_corpus
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,18 +99,6 @@ def test_bench_trainer_tiny(tmp_path):
     assert [entry["step"] for entry in result["logged"]] == [1, 2, 3, 4]
     for entry in result["logged"]:
         assert entry["loss"] == pytest.approx(2 * entry["fidelity"] - entry["diversity"], rel=1e-4, abs=1e-5)
-
-
-WORDS = "the a of river city was born in and to film album song team war king church station school is".split()
-
-
-def write_word_corpus(path: Path, rng: random.Random, documents: int = 400) -> Path:
-    """A JSONL corpus of `documents` texts of 20 to 200 words drawn from WORDS."""
-    path.write_text("".join(
-        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))}) + "\n"
-        for _ in range(documents)
-    ))
-    return path
 
 
 def test_real_results_pipeline_tiny_and_resumable(tmp_path):

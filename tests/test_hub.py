@@ -9,19 +9,8 @@ import pytest
 import torch
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM
-from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
+from tests.utils import SHIPPED_CALM_FILES, run_without_package, tiny_autoencoder_config, tiny_calm_config
 
-SHIPPED_CALM_FILES = {
-    "brier_calm.py",
-    "brier_scoring_calm.py",
-    "configuration_calm.py",
-    "generation_calm.py",
-    "modeling_calm.py",
-    "modeling_calm_autoencoder.py",
-    "modeling_calm_compat.py",
-    "modeling_calm_heads.py",
-    "sampling_calm.py",
-}
 
 
 def _code_files(folder: Path) -> set[str]:

@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from modeling_calm import CalmForCausalLM
 from modeling_calm import modeling_calm_compat as compat
-from tests.conftest import other_test_pythons, run_without_package, tiny_calm_config
+from tests.utils import other_test_pythons, run_without_package, tiny_calm_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     from modeling_calm import CalmForCausalLM, CalmTrainer
-    from tests.conftest import tiny_calm_config
+    from tests.utils import tiny_calm_config
     from transformers import TrainingArguments
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from tests.test_hub import SHIPPED_CALM_FILES
+from tests.utils import SHIPPED_CALM_FILES
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

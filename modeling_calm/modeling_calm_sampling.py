@@ -1,79 +1,25 @@
-"""Likelihood-free temperature sampling for CALM (CALM.md, section 4).
+"""Likelihood-free temperature sampling for CALM (arXiv 2510.27688, section "Likelihood-Free Temperature
+Sampling", Algorithms 1 and 2).
 
-CALM's generative head gives samples of the next chunk of K tokens but no probabilities. Temperature sampling
-must therefore draw a chunk x with probability
+CALM's generative head gives samples of the next chunk of K tokens but no probabilities, so temperature sampling
+must draw a chunk x with probability P_T(x) = P(x)^(1/T) / Z_T, T in (0, 1] (eq. 1), from a sampler of P alone.
+The samplers reach the model through one callable, `draw(n) -> LongTensor [B, n, K]` (n independent chunks per
+row); the lower-level functions work on a batch of already-decoded candidates.
 
-    P_T(x) = P(x)^(1/T) / Z_T,    Z_T = sum_x P(x)^(1/T),    T in (0, 1]                              (1)
-
-using nothing but a sampler of P. The samplers reach the model through one callable,
-`draw(n) -> LongTensor [B, n, K]`, which returns n independent chunks per row; the lower-level functions work
-directly on a batch of already-decoded candidates.
-
-Public functions:
 - `temperature_sample(draw, temperature, *, method, ...)`: the entry point, either method.
 - `exact_temperature_sample(draw, temperature, ...)`: Algorithm 1, exact, a correctness reference.
-- `select_by_temperature(candidates, temperature, *, generator)`: Algorithm 2 on given candidates, for `generate`.
-- `selection_probabilities(candidates, temperature)` and `chunk_multiplicities(candidates)`: its building blocks.
+- `select_by_temperature(candidates, temperature, *, generator)`: Algorithm 2 on given candidates.
+- `selection_probabilities`, `chunk_multiplicities`, `pick_by_uniform`: its building blocks (generate uses them
+  directly, with uniforms drawn ahead of the step).
+- `check_temperature`, `check_positive_int`: the checks every CALM entry point shares.
+- `CalmRandom`: the random source of `generate` (global RNG, a generator, or one generator per row).
 
-Shape letters: B rows (independent sampling problems), N candidates per row, S draws per row per round of the
-exact sampler, K tokens per chunk. Two chunks are equal only if all K tokens are equal.
+Why Algorithm 1 is exact (the Bernoulli factory, eq. 2), how Algorithm 2 is generalised to any T with the
+generalised binomial coefficient (eq. 3) and why that rule is consistent, continuous in T and as close to unbiased
+as any finite-N rule can be: docs/temperature.md. Equation numbers below refer to that page.
 
-Exact method (Algorithm 1)
---------------------------
-Write 1/T = n + alpha with n = floor(1/T) and alpha in [0, 1).
-- Stage 1: draw n chunks; they are all equal to some x* with probability P(x*)^n.
-- Stage 2, only if alpha > 0, is a Bernoulli factory that accepts x* with probability p^alpha, p = P(x*), using
-  more draws: at step i = 1, 2, ... draw x; accept if x == x*; otherwise restart from stage 1 with probability
-  alpha / i, else go on to step i + 1. With q = 1 - p, accepting at step k + 1 has probability
-  p * q^k * prod_{j=1..k} (1 - alpha / j), and summing over k gives
-
-      p * sum_k q^k (1 - alpha)_k / k! = p * (1 - q)^-(1 - alpha) = p^alpha,                           (2)
-
-  where (a)_k is the rising factorial and the middle step is the binomial series.
-One attempt therefore returns x with probability P(x)^n * P(x)^alpha = P(x)^(1/T); attempts that fail start
-over with fresh draws, so the accepted chunk follows (1). The expected number of draws grows like 1 / Z_T, which
-is why this is a correctness reference, not a fast path.
-
-Vectorisation: every row runs its own copy of the algorithm as a small state machine (stage, run length of
-stage 1, x*, factory step i). Each round calls `draw(S)` once for all rows, then feeds the S draws one at a time
-to all rows at once with tensor ops; finished rows ignore their draws. Stage 1 stops at the first draw that
-differs from x* and throws that draw away: an attempt fails exactly when some of its n draws differ, and the next
-attempt starts from untouched draws, so the stopping is only a saving. Reusing the mismatching draw would bias
-the next attempt and is not done.
-
-Approximate method (Algorithm 2, generalised to any T)
-------------------------------------------------------
-Draw N candidates and let c_x be the number of candidates equal to x. For an integer a, C(c_x, a) counts the
-a-subsets of the N draws that are all equal to x, so E[C(c_x, a)] = C(N, a) P(x)^a: C(c_x, a) / C(N, a) is an
-unbiased estimator of P(x)^a. The paper picks a distinct chunk with probability proportional to C(c_x, n) for
-T = 1/n, and when no chunk appears n times it falls back to n - 1, n - 2, ..., 1 (level 1 is plain multiplicity:
-a uniform pick among the N candidates, that is, a draw from the empirical distribution).
-
-For any T, let a = 1/T. This module uses the generalised binomial coefficient at levels m = a, a - 1, ..., a - n + 1:
-
-    C(c, m) = Gamma(c + 1) / (Gamma(m + 1) Gamma(c - m + 1)),                                           (3)
-
-and picks from the highest level at which some chunk has C(c_x, m) > 0, with weights C(c_x, m). The coefficient
-is positive exactly when c > m - 1, because 1 / Gamma(c - m + 1) vanishes at c - m + 1 = 0, -1, ... and is
-negative just below 0. This rule has four properties:
-- It is the paper's rule at T = 1/n: at an integer m, the condition c > m - 1 means c >= m.
-- It is consistent. Chunks come from a finite set (V^K), so every c_x with P(x) > 0 grows without bound as
-  N grows, and Gamma(c + 1) / Gamma(c - m + 1) = c^m (1 + O(1/c)). Hence C(c_x, a) / C(N, a) -> P(x)^a almost
-  surely, and the selection probabilities converge to (1).
-- It is biased for finite N, and no estimator could avoid that. Whatever f is, E[f(c_x)] with
-  c_x ~ Binomial(N, p) is a polynomial in p of degree at most N, while p^a is not a polynomial when a is not an
-  integer. Exact sampling needs a random number of draws, which is what stage 2 of Algorithm 1 does.
-- It is continuous in T, while a hard threshold c >= m would not be. As a rises to an integer k (T falls to
-  1/k), a level m in (k - 1, k) accepts chunks with c = k - 1 as well, but their weight C(k - 1, m) goes to 0.
-  When they are the only chunks it accepts, their weights are equal, so the pick is uniform over them, just as
-  the fallback to level k - 1 makes it at a = k. A threshold c >= m would instead make T = 0.99 drop every
-  singleton as soon as one chunk repeats, a jump away from the uniform pick of T = 1.
-The lowest level, 1 + alpha (or 1), accepts every candidate (c >= 1), so no row is left without a choice. The
-alternative weights c^a are biased even at integer a (E[c^2] = N^2 p^2 + N p (1 - p)) and do not reduce to the
-paper's rule.
-A chunk seen c times is represented by its c candidates, each with weight C(c, m) / c. The chunk's total weight
-is then C(c, m), and the returned index points at one of its copies, chosen uniformly. The caller can use that
-index to recover the latent vector of the chosen candidate.
+Shape letters (besides those of `modeling_calm`): B rows (independent sampling problems), N candidates per row,
+W draws per row per round of the exact sampler. Two chunks are equal only if all K tokens are equal.
 """
 
 import math
@@ -86,11 +32,26 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+__all__ = [
+    "CalmRandom",
+    "DEFAULT_DRAWS_PER_ROUND",
+    "DEFAULT_MAX_ROUNDS",
+    "DEFAULT_NUM_CANDIDATES",
+    "check_positive_int",
+    "check_temperature",
+    "chunk_multiplicities",
+    "exact_temperature_sample",
+    "pick_by_uniform",
+    "select_by_temperature",
+    "selection_probabilities",
+    "temperature_sample",
+]
+
 # The reference implementation's N; the paper needs N ~ 200 to match a Transformer at softmax temperature 0.5.
 DEFAULT_NUM_CANDIDATES = 200
-# Cap on rounds of the exact sampler. With alpha = 0, R rounds of S draws hold at least floor(R S / n) complete
+# Cap on rounds of the exact sampler. With alpha = 0, R rounds of W draws hold at least floor(R W / n) complete
 # attempts (an attempt uses at most n draws), so a row is left unfinished with probability at most
-# (1 - Z_T)^floor(R S / n): at T = 1/2 with the defaults, below 4e-4 whenever Z_T >= 1e-3.
+# (1 - Z_T)^floor(R W / n): at T = 1/2 with the defaults, below 4e-4 whenever Z_T >= 1e-3.
 DEFAULT_MAX_ROUNDS = 1000
 # Draws per row per round of the exact sampler: one call to `draw` feeds this many state-machine steps. More
 # draws per call means fewer calls (each a model forward) at the price of draws wasted by rows that finish early.
@@ -108,20 +69,29 @@ DrawFn = Callable[[int], torch.Tensor]
 # Validation helpers
 
 
-def _inverse_temperature(temperature: float) -> float:
-    """Checks T in (0, 1] and returns a = 1/T, snapped to an integer when within `_INTEGER_TOLERANCE` of one."""
+def check_temperature(temperature: float) -> float:
+    """Checks T in (0, 1] (likelihood-free temperature can only sharpen P) and returns it as a float."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a real number in (0, 1], got {temperature!r}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or not 0.0 < temperature <= 1.0:
-        raise ValueError(f"temperature must be a finite number in (0, 1], got {temperature!r}")
-    inv_t = 1.0 / temperature
+        raise ValueError(
+            f"temperature must be a finite number in (0, 1], got {temperature!r} (likelihood-free temperature can "
+            "only sharpen the model's distribution)"
+        )
+    return temperature
+
+
+def _inverse_temperature(temperature: float) -> float:
+    """Checks T in (0, 1] and returns a = 1/T, snapped to an integer when within `_INTEGER_TOLERANCE` of one."""
+    inv_t = 1.0 / check_temperature(temperature)
     if abs(inv_t - round(inv_t)) <= _INTEGER_TOLERANCE * inv_t:
         inv_t = float(round(inv_t))
     return inv_t
 
 
-def _check_positive_int(name: str, value: int) -> None:
+def check_positive_int(name: str, value: int) -> None:
+    """Raises unless `value` is an integer >= 1 (bool excluded); `name` names it in the message."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
@@ -235,12 +205,26 @@ def selection_probabilities(candidates: torch.Tensor, temperature: float) -> tor
     return torch.softmax(log_weights, dim=1).float()
 
 
+def pick_by_uniform(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Algorithm 2's pick by inverse CDF: `probs [B, N]` (rows sum to 1), `uniforms [B]` in [0, 1) -> index `[B]`.
+
+    Index j is returned iff cdf[j-1] <= u * cdf[N-1] < cdf[j], i.e. with probability probs[j]; a zero-probability
+    candidate has an empty interval and is never picked. Taking the uniforms as input lets `generate` draw them
+    ahead of a compiled step, and makes the pick a plain function of its inputs.
+    """
+    cdf = probs.double().cumsum(-1)  # [B, N]
+    index = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+    # Rounding can put u*total at the very end: fall back to the last candidate with positive mass.
+    last_positive = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(index, last_positive)
+
+
 def select_by_temperature(
     candidates: torch.Tensor, temperature: float, *, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate temperature sampling among already drawn candidates (Algorithm 2, generalised to any T).
 
-    This is the function for `generate`: decode the N candidates once, then select. At T = 1 it is a uniform pick,
+    Decode the N candidates once, then select. At T = 1 it is a uniform pick,
     that is, a plain draw from P.
 
     Args:
@@ -254,7 +238,8 @@ def select_by_temperature(
     """
     probs = selection_probabilities(candidates, temperature)  # [B, N]
     _check_generator(generator, candidates.device)
-    index = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
+    uniforms = torch.rand(probs.shape[0], generator=generator, device=candidates.device)  # [B]
+    index = pick_by_uniform(probs, uniforms)  # [B]
     chosen = candidates.gather(1, index[:, None, None].expand(-1, 1, candidates.shape[2])).squeeze(1)  # [B, K]
     return chosen, index
 
@@ -293,7 +278,7 @@ def exact_temperature_sample(
         generator (`torch.Generator`, *optional*): source of the algorithm's own randomness (stage-2 coins and the
             fallback pick), on the draws' device. With a seeded `draw`, the result is reproducible.
         max_rounds (`int`): cap on the number of calls to `draw` before the fallback.
-        draws_per_round (`int`): S, chunks requested per row per call.
+        draws_per_round (`int`): W, chunks requested per row per call.
         on_max_rounds (`str`): `"approximate"` or `"raise"`, see above.
         num_candidates (`int`): N for the approximate fallback.
 
@@ -301,9 +286,9 @@ def exact_temperature_sample(
         `torch.LongTensor` of shape `[B, K]`, one chunk per row.
     """
     inv_t = _inverse_temperature(temperature)
-    _check_positive_int("max_rounds", max_rounds)
-    _check_positive_int("draws_per_round", draws_per_round)
-    _check_positive_int("num_candidates", num_candidates)
+    check_positive_int("max_rounds", max_rounds)
+    check_positive_int("draws_per_round", draws_per_round)
+    check_positive_int("num_candidates", num_candidates)
     if on_max_rounds not in _ON_MAX_ROUNDS:
         raise ValueError(f"on_max_rounds must be one of {_ON_MAX_ROUNDS}, got {on_max_rounds!r}")
     if inv_t == 1.0:
@@ -313,7 +298,7 @@ def exact_temperature_sample(
     alpha = inv_t - run_len  # fractional part, handled by the Bernoulli factory of stage 2, eq. (2)
     shape = None
     for _ in range(max_rounds):
-        samples = _call_draw(draw, draws_per_round, shape)  # [B, S, K]
+        samples = _call_draw(draw, draws_per_round, shape)  # [B, W, K]
         if shape is None:
             shape = (samples.shape[0], samples.shape[2])
             device = samples.device
@@ -324,7 +309,7 @@ def exact_temperature_sample(
             step = torch.ones_like(run)  # [B], i of stage 2
             candidate = samples[:, 0].clone()  # [B, K], x* (the answer once done)
         # One uniform per draw for the stage-2 coin "restart with probability alpha / i".
-        coins = torch.rand(samples.shape[:2], generator=generator, device=device)  # [B, S]
+        coins = torch.rand(samples.shape[:2], generator=generator, device=device)  # [B, W]
         for j in range(draws_per_round):
             x = samples[:, j]  # [B, K]
             same = (x == candidate).all(-1)  # [B]
@@ -367,6 +352,83 @@ def exact_temperature_sample(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Random sources
+
+
+class CalmRandom:
+    """Where `generate` draws its random numbers: the global RNG, one generator, or one generator per row (each row
+    then draws its own numbers, so a row gives the same result alone or in any batch). Draws come out on `device`."""
+
+    def __init__(self, device: torch.device, generator=None, seed: int | None = None, batch_size: int = 1):
+        self.device = device
+        self.per_row = None
+        self.generator = None
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("Pass at most one of `seed` and `generator`.")
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"`seed` must be an int, got {seed!r}.")
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        elif isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(
+                    f"`generator` as a list must hold one torch.Generator per row ({batch_size}), got {len(generator)}."
+                )
+            self.per_row = list(generator)
+        elif generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"`generator` must be a torch.Generator or a list of them, got {type(generator)}.")
+            self.generator = generator
+
+    def _draw(self, fn, steps: int, batch: int, rest: tuple) -> torch.Tensor:
+        # fn(shape, device=, generator=) -> [steps, batch, *rest(, E)] on self.device
+        if self.per_row is not None:
+            rows = [fn((steps, *rest), device=g.device, generator=g) for g in self.per_row]
+            return torch.stack(rows, dim=1).to(self.device)
+        if self.generator is not None:
+            g = self.generator
+            return fn((steps, batch, *rest), device=g.device, generator=g).to(self.device)
+        return fn((steps, batch, *rest), device=self.device, generator=None)
+
+    def uniform(self, steps: int, batch: int, *rest: int) -> torch.Tensor:
+        return self._draw(torch.rand, steps, batch, rest)
+
+    def head_noise(self, head, steps: int, batch: int, *rest: int) -> torch.Tensor:
+        """The head's own noise (`head.draw_noise`) `[steps, batch, *rest, E]`."""
+        return self._draw(head.draw_noise, steps, batch, rest)
+
+    def device_generator(self) -> torch.Generator | None:
+        """A generator on the model's device for the exact sampler's own draws, derived from ours."""
+        if self.per_row is not None:
+            raise ValueError("Per-row generators are supported at T = 1 and by the approximate method, not 'exact'.")
+        if self.generator is None:
+            return None
+        if self.generator.device.type == self.device.type:
+            return self.generator
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator, device=self.generator.device))
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def get_state(self):
+        if self.per_row is not None:
+            return [g.get_state() for g in self.per_row]
+        if self.generator is not None:
+            return self.generator.get_state()
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def set_state(self, state) -> None:
+        if self.per_row is not None:
+            for g, s in zip(self.per_row, state):
+                g.set_state(s)
+        elif self.generator is not None:
+            self.generator.set_state(state)
+        else:
+            torch.set_rng_state(state[0])
+            if state[1] is not None:
+                torch.cuda.set_rng_state(state[1], self.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -401,9 +463,9 @@ def temperature_sample(
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     inv_t = _inverse_temperature(temperature)
-    _check_positive_int("num_candidates", num_candidates)
+    check_positive_int("num_candidates", num_candidates)
     # Checked for both methods, so that a bad setting fails before a switch of method exposes it.
-    _check_positive_int("max_rounds", max_rounds)
+    check_positive_int("max_rounds", max_rounds)
     if on_max_rounds not in _ON_MAX_ROUNDS:
         raise ValueError(f"on_max_rounds must be one of {_ON_MAX_ROUNDS}, got {on_max_rounds!r}")
     if method == "exact":

@@ -18,10 +18,9 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
-from modeling_calm.brier_calm import brier_lm
+from modeling_calm.modeling_calm_brier import brier_lm
 from modeling_calm.data_calm import CalmDataCollator
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
-from tests.test_hub import SHIPPED_CALM_FILES
+from tests.utils import SHIPPED_CALM_FILES, tiny_autoencoder_config, tiny_calm_config
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -307,7 +306,7 @@ import torch, torch.distributed as dist
 from transformers import TrainingArguments
 from modeling_calm import CalmForCausalLM, CalmTrainer
 from modeling_calm.data_calm import CalmDataCollator
-from tests.conftest import tiny_calm_config
+from tests.utils import tiny_calm_config
 
 torch.manual_seed(0)
 g = torch.Generator().manual_seed(0)

@@ -30,8 +30,7 @@ from modeling_calm.card_calm import (
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.peft_calm import calm_lora_config
-from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
-from tests.test_hub import SHIPPED_CALM_FILES
+from tests.utils import SHIPPED_CALM_FILES, run_without_package, tiny_autoencoder_config, tiny_calm_config
 
 
 PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configuration")

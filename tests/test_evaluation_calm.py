@@ -1,4 +1,4 @@
-"""Tests for BrierLM: the estimator (brier_calm), causal-LM scoring (evaluation_calm) and the evaluate wrapper.
+"""Tests for BrierLM: the estimator (modeling_calm_brier), causal-LM scoring (evaluation_calm) and the evaluate wrapper.
 
 Statistical tests use fixed seeds and accept |empirical mean - exact value| <= 4 standard errors (SE estimated
 from the draws); with fixed seeds they are deterministic, and a correct implementation fails a single check with
@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_calm.brier_calm import BrierAccumulator, brier_indicators, brier_lm, brier_scores, brier_sums
 from modeling_calm.evaluation_calm import (
     evaluate_brier,
     load_text_blocks,
@@ -26,6 +25,8 @@ from modeling_calm.evaluation_calm import (
     score_causal_lm_ref,
     true_continuations,
 )
+from modeling_calm.modeling_calm_brier import BrierAccumulator, brier_indicators, brier_lm, brier_scores, brier_sums
+from tests.utils import single_thread
 
 
 VOCAB = 50
@@ -33,14 +34,6 @@ MAX_N = 4
 NUM_SE = 4.0  # tolerance of the statistical tests, in standard errors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box thread contention made these
-    tests ~5x slower; restored afterwards so other test modules are unaffected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------

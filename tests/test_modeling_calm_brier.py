@@ -19,7 +19,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_calm import CalmConfig, CalmForCausalLM
-from modeling_calm.brier_scoring_calm import (
+from modeling_calm.modeling_calm_brier import (
     brier_num_positions,
     draw_brier_noise,
     sample_brier_continuations,
@@ -27,7 +27,7 @@ from modeling_calm.brier_scoring_calm import (
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.evaluation_calm import evaluate_brier
-from tests.conftest import run_without_package, tiny_calm_config
+from tests.utils import run_without_package, single_thread, tiny_calm_config
 
 
 MAX_N = 4
@@ -35,13 +35,6 @@ NUM_SE = 4.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads on the shared 2-core box; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_calm(k: int, head_type: str = "energy", seed: int = 0, **overrides) -> CalmForCausalLM:
@@ -67,7 +60,7 @@ class ToyHead(nn.Module):
         self.register_buffer("cdf", probs.double().cumsum(0))
         self.noise_size, self.latent_size = noise_size, latent_size
 
-    def draw_noise(self, shape, device, generator=None):
+    def draw_noise(self, shape, *, device=None, generator=None):
         return torch.rand((*shape, self.noise_size), device=device, generator=generator) - 0.5
 
     def sample(self, hidden_states, noise=None, generator=None):
@@ -89,6 +82,9 @@ class ToyDecoder(nn.Module):
     def decode(self, latents):  # [..., L, Z] -> [..., L*K, V]
         logits = torch.einsum("...lz,zkv->...lkv", latents.float(), self.table)
         return logits.reshape(*latents.shape[:-2], -1, self.table.shape[-1])
+
+    def decode_tokens(self, latents, max_logits_per_block=None):  # [..., L, Z] -> [..., L*K], the model's interface
+        return self.decode(latents).argmax(-1)
 
 
 def toy_calm(k: int, chunks: list[list[int]], probs: list[float]) -> CalmForCausalLM:
@@ -329,7 +325,7 @@ def test_score_brier_through_remote_code(tmp_path):
     model = tiny_calm(2)
     folder = tmp_path / "calm"
     model.save_pretrained(folder)
-    assert (folder / "brier_scoring_calm.py").exists()
+    assert (folder / "modeling_calm_brier.py").exists()
     ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(10))
     torch.save(ids, tmp_path / "ids.pt")
     torch.save(model.score_brier(ids, generator=torch.Generator().manual_seed(3))[0], tmp_path / "expected.pt")
