@@ -128,3 +128,21 @@ def test_missing_trust_remote_code_is_refused(saved_model, tmp_path):
             print("REFUSED", error)
     """
     assert "REFUSED" in run_without_package(script, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "old,new,name",
+    [("generation_calm", "modeling_calm_generation", "CalmGenerationMixin"),
+     ("sampling_calm", "modeling_calm_sampling", "temperature_sample"),
+     ("brier_calm", "modeling_calm_brier", "brier_indicators"),
+     ("brier_scoring_calm", "modeling_calm_brier", "score_calm_brier")],
+)
+def test_old_module_names_are_deprecated_shims_that_nothing_ships(old, new, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"modeling_calm.{old}", None)
+    with pytest.warns(FutureWarning, match=new):
+        shim = importlib.import_module(f"modeling_calm.{old}")
+    assert getattr(shim, name) is getattr(importlib.import_module(f"modeling_calm.{new}"), name)
+    assert f"{old}.py" not in SHIPPED_CALM_FILES
