@@ -437,7 +437,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         max_n: int = BRIER_LM_MAX_N,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (arXiv 2510.27688, "Likelihood-Free LM Evaluation").
+        """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (arXiv 2510.27688,
+        section "Likelihood-Free LM Evaluation").
 
         Entry i conditions on chunks 0..i and is compared with the next max_n tokens; while K < max_n each sample
         is continued on its own decoded chunks (batched over all boundaries with the KV cache). A CALM is scored

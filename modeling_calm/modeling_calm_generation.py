@@ -1,37 +1,17 @@
 """Generation for CALM: one chunk of K tokens per step, likelihood-free temperature (arXiv 2510.27688, sections
 "Next-Vector Prediction" and "Likelihood-Free Temperature Sampling").
 
-`generate` runs in three stages: the prompt layout (`_calm_prompts`: `modeling_calm.layout_prompts` lays the
-prompts out as whole chunks, right-aligned and completed with BOS), the stopping rules (`_calm_stopping`: stop
-tokens, stopping criteria, pad), and the run (`_calm_run`: compiled or eager decoding of a `CalmDecodingPlan`).
-What a model remembers between calls (its reusable static cache, whether compiling failed, which path ran last)
-is one `CalmDecodingState`.
+`generate` runs in three stages: the prompts (`_calm_prompt_inputs`, then `modeling_calm.layout_prompts` lays them
+out as whole chunks), the stopping rules (`_calm_stopping`), and the run (`_calm_run`: compiled or eager decoding of
+a `CalmDecodingPlan`). What a model keeps between calls is one `CalmDecodingState`.
 
-One decoding step (`_calm_step`): the generative head samples a latent from the last hidden state, the frozen
-autoencoder decodes it into K tokens (`decode_tokens`, argmax), the K tokens are compressed into one chunk
-embedding and the backbone advances one position with the KV cache. At T < 1 the head samples N latents per row
-in one call, all N are decoded, and one is picked with the generalised Algorithm 2 of `modeling_calm_sampling`
-(approximate method), or the head is called repeatedly by Algorithm 1 (exact method, eager only).
-
-Randomness. All of it comes from the head's own noise (`head.draw_noise`) and uniforms, drawn outside the step in
-blocks of `NOISE_BLOCK_STEPS` steps: per block, first the head noise `[steps, B, (N,) E]`, then (approximate
-method only) one uniform per row and step `[steps, B]` for the pick. The source is the global RNG, a
-`torch.Generator` (any device; the draws are moved to the model's device), a list of one generator per row
-(each row then draws its own numbers, so a row gives the same result alone or in any batch), or `seed=`. Explicit
-`noise=` replaces the head noise. Eager and compiled decoding therefore see the same numbers.
-
-Fast path. On CUDA (or with `calm_compile=True`) the step runs as one `torch.compile`d function (default mode
-"reduce-overhead", i.e. CUDA graphs) over a `StaticCache` that is kept and reused between calls of the same
-shape; the prefill stays eager. Stop tokens are checked on the device and read back only every
-`STOP_CHECK_INTERVAL` steps (every step on the CPU or with a streamer or stopping criteria). If compiling or
-running the compiled step fails, generation restarts eagerly (same random numbers) with a logged warning, and the
-model remembers not to compile again; `model.calm_last_decoding` says which path ran.
-
-Candidate decoding at T < 1. The decoder trunk runs on all B*N candidates (cheap: H = 512), and the vocabulary
-projection [B*N*K, H] x [H, V], which dominates (about 2*N*K*H*V FLOPs per row and step: 105 GFLOP for CALM-M at
-N = 200), runs in row blocks (`CalmAutoencoder.decode_tokens`), so float32 logits of all candidates are never
-materialised. Candidates are not deduplicated before decoding: head samples are continuous and never coincide,
-duplicates exist only among decoded chunks, which `chunk_multiplicities` counts.
+One decoding step (`_calm_step`): the head samples a latent from the last hidden state, the frozen autoencoder
+decodes it into K tokens (`decode_tokens`, argmax), the K tokens are compressed into one chunk embedding and the
+backbone advances one position with the KV cache. At T < 1 the head samples N latents per row in one call, all N
+are decoded and one is picked by the generalised Algorithm 2 (approximate method), or the head is called
+repeatedly by Algorithm 1 (exact method, eager only). All random numbers (the head's own noise, the pick's
+uniforms) are drawn outside the step, so eager and compiled decoding see the same numbers. On CUDA the step is
+one `torch.compile`d function over a reused `StaticCache`, with an eager fallback. Details: docs/generation.md.
 
 Shape letters: those of `modeling_calm` (C prompt chunks, G decoding steps, N candidates per row).
 """
@@ -39,7 +19,7 @@ Shape letters: those of `modeling_calm` (C prompt chunks, G decoding steps, N ca
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
@@ -101,7 +81,6 @@ _ACCEPTED_AND_IGNORED = (
     "do_sample", "use_cache", "synced_gpus", "assistant_model", "prefix_allowed_tokens_fn",
     "token_type_ids",  # some tokenizers return it; a decoder over chunks has no segments
 )
-
 
 
 @dataclass
