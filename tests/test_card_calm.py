@@ -9,6 +9,7 @@ import json
 import math
 import os
 import types
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -386,3 +387,21 @@ def test_standard_push_to_hub_calls_include_code_and_card(hub, tokenizer_and_fil
         ("text-generation", "brier_lm", None): 4.25
     }
     assert hub.validated == [str(card)]
+
+
+def test_card_templates_and_the_metric_are_package_data():
+    """The card templates and the evaluate metric are no Python modules: setup.cfg must list them as package data,
+    or the built wheel would lack them (the card builders and `evaluate.load` read them from the package)."""
+    import configparser
+    import fnmatch
+
+    from modeling_calm import card_calm
+
+    root = Path(card_calm.__file__).resolve().parent
+    parser = configparser.ConfigParser()
+    parser.read(root.parent / "setup.cfg")
+    patterns = parser["options.package_data"]["modeling_calm"].split()
+    data = [p.relative_to(root).as_posix() for sub in ("templates", "metrics") for p in (root / sub).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts]
+    assert {"templates/calm_model_card.md", "templates/calm_autoencoder_card.md", "metrics/brier_lm/brier_lm.py"} <= set(data)
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in data), (data, patterns)
