@@ -22,9 +22,12 @@ Shape letters (besides those of `modeling_calm`): B rows (independent sampling p
 W draws per row per round of the exact sampler. Two chunks are equal only if all K tokens are equal.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers.utils import logging
@@ -248,6 +251,47 @@ def select_by_temperature(
 # Exact method (Algorithm 1)
 
 
+@dataclass
+class _ExactSamplerState:
+    """Algorithm 1 as a state machine per row (module docstring): all rows advance together, one draw at a time."""
+
+    done: torch.Tensor  # [B] bool, the row has its answer
+    in_stage2: torch.Tensor  # [B] bool
+    run: torch.Tensor  # [B] long, stage-1 copies of x* so far
+    step: torch.Tensor  # [B] long, i of stage 2
+    candidate: torch.Tensor  # [B, K] x* (the answer once done)
+
+    @classmethod
+    def start(cls, first: torch.Tensor) -> _ExactSamplerState:
+        done = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
+        run = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
+        return cls(done, torch.zeros_like(done), run, torch.ones_like(run), first.clone())
+
+    def feed(self, x: torch.Tensor, coin: torch.Tensor, run_len: int, alpha: float) -> None:
+        """One draw `x [B, K]` for every row (finished rows ignore it) and its stage-2 coin `[B]`."""
+        same = (x == self.candidate).all(-1)  # [B]
+        stage1 = ~self.done & ~self.in_stage2
+        stage2 = ~self.done & self.in_stage2
+        # Stage 1: the first draw of an attempt becomes x*; a copy extends the run; a different chunk ends the
+        # attempt and is itself discarded (run back to 0).
+        starting = stage1 & (self.run == 0)
+        self.candidate = torch.where(starting[:, None], x, self.candidate)
+        self.run = torch.where(stage1, torch.where(starting | same, self.run + 1, 0), self.run)
+        complete = stage1 & (self.run == run_len)
+        if alpha == 0.0:
+            self.done = self.done | complete
+        else:
+            self.in_stage2 = self.in_stage2 | complete
+            self.step = torch.where(complete, 1, self.step)
+        # Stage 2 (rows that entered it with this very draw wait for the next one).
+        accept = stage2 & same
+        restart = stage2 & ~same & (coin < alpha / self.step)
+        self.done = self.done | accept
+        self.in_stage2 = self.in_stage2 & ~restart
+        self.run = torch.where(restart, 0, self.run)
+        self.step = torch.where(stage2 & ~accept & ~restart, self.step + 1, self.step)
+
+
 def exact_temperature_sample(
     draw: DrawFn,
     temperature: float,
@@ -296,46 +340,21 @@ def exact_temperature_sample(
 
     run_len = int(inv_t)  # n: identical draws needed in stage 1
     alpha = inv_t - run_len  # fractional part, handled by the Bernoulli factory of stage 2, eq. (2)
-    shape = None
+    shape = state = None
     for _ in range(max_rounds):
         samples = _call_draw(draw, draws_per_round, shape)  # [B, W, K]
         if shape is None:
             shape = (samples.shape[0], samples.shape[2])
-            device = samples.device
-            _check_generator(generator, device)
-            done = torch.zeros(shape[0], dtype=torch.bool, device=device)  # [B]
-            in_stage2 = torch.zeros_like(done)  # [B]
-            run = torch.zeros(shape[0], dtype=torch.long, device=device)  # [B], stage-1 copies of x* so far
-            step = torch.ones_like(run)  # [B], i of stage 2
-            candidate = samples[:, 0].clone()  # [B, K], x* (the answer once done)
+            _check_generator(generator, samples.device)
+            state = _ExactSamplerState.start(samples[:, 0])
         # One uniform per draw for the stage-2 coin "restart with probability alpha / i".
-        coins = torch.rand(samples.shape[:2], generator=generator, device=device)  # [B, W]
+        coins = torch.rand(samples.shape[:2], generator=generator, device=samples.device)  # [B, W]
         for j in range(draws_per_round):
-            x = samples[:, j]  # [B, K]
-            same = (x == candidate).all(-1)  # [B]
-            stage1 = ~done & ~in_stage2
-            stage2 = ~done & in_stage2
-            # Stage 1: the first draw of an attempt becomes x*; a copy extends the run; a different chunk ends
-            # the attempt and is itself discarded (run back to 0).
-            starting = stage1 & (run == 0)
-            candidate = torch.where(starting[:, None], x, candidate)
-            run = torch.where(stage1, torch.where(starting | same, run + 1, 0), run)
-            complete = stage1 & (run == run_len)
-            if alpha == 0.0:
-                done = done | complete
-            else:
-                in_stage2 = in_stage2 | complete
-                step = torch.where(complete, 1, step)
-            # Stage 2 (rows that entered it with this very draw wait for the next one).
-            accept = stage2 & same
-            restart = stage2 & ~same & (coins[:, j] < alpha / step)
-            done = done | accept
-            in_stage2 = in_stage2 & ~restart
-            run = torch.where(restart, 0, run)
-            step = torch.where(stage2 & ~accept & ~restart, step + 1, step)
-        if bool(done.all()):
-            return candidate
+            state.feed(samples[:, j], coins[:, j], run_len, alpha)
+        if bool(state.done.all()):
+            return state.candidate
 
+    done, candidate = state.done, state.candidate
     unfinished = ~done
     num_unfinished = int(unfinished.sum())
     message = (
