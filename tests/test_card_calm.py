@@ -244,6 +244,7 @@ def calm_folder_with_card(tmp_path_factory):
 _STDERR_TO_STDOUT = "import os, sys\nsys.stdout.flush()\nos.dup2(1, 2)\n"
 
 
+@pytest.mark.slow
 def test_card_snippet_loads_the_tokenizer_without_a_remote_code_prompt(calm_folder_with_card, tmp_path):
     """AutoTokenizer on a CALM folder reads config.json, whose class is remote code: without
     trust_remote_code=True, transformers asks "[y/N]" on stdin where the package is not installed. The card's

@@ -301,6 +301,7 @@ def test_every_golden_is_checked(golden):
     assert not unchecked, f"goldens no test reads: {unchecked}"
 
 
+@pytest.mark.slow
 def test_converted_folder_reproduces_the_golden_through_remote_code(converted_dir, golden, tmp_path):
     """What goes to the Hub: a fresh process that cannot import the package loads the folder with remote code."""
     torch.save({"ids": golden["calm_input_ids"], "hidden": golden["calm_hidden"]}, tmp_path / "golden.pt")

@@ -57,6 +57,7 @@ def test_shipped_files_import_only_stdlib_torch_and_transformers():
                 assert root in allowed, f"{name}: {line}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_remote_code_load_in_fresh_process_gives_identical_outputs(tmp_path, dtype):
     model = CalmForCausalLM(tiny_calm_config()).eval().to(getattr(torch, dtype))
@@ -94,6 +95,7 @@ def test_remote_code_load_in_fresh_process_gives_identical_outputs(tmp_path, dty
     assert "OK" in run_without_package(script, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_load_by_repo_id_from_hand_built_offline_cache(saved_model, tmp_path):
     model, folder = saved_model
     cache = tmp_path / "hub-cache"
@@ -118,6 +120,7 @@ def test_load_by_repo_id_from_hand_built_offline_cache(saved_model, tmp_path):
     assert "OK" in run_without_package(script, cwd=tmp_path, env_extra=env)
 
 
+@pytest.mark.slow
 def test_missing_trust_remote_code_is_refused(saved_model, tmp_path):
     _, folder = saved_model
     script = f"""

@@ -321,6 +321,7 @@ def test_score_brier_through_peft():
     assert result["num_positions"] == 2 * brier_num_positions(12, 2)
 
 
+@pytest.mark.slow
 def test_score_brier_through_remote_code(tmp_path):
     model = tiny_calm(2)
     folder = tmp_path / "calm"

@@ -241,6 +241,7 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs(lora_run, tmp_path
     assert torch.equal(_outputs(reloaded, lora_run["config"])[0], merged_hidden)
 
 
+@pytest.mark.slow
 def test_merged_and_adapter_load_as_remote_code_in_fresh_process(lora_run, tmp_path):
     _merge_and_save(lora_run, tmp_path / "merged")
     ids, draws = _fixed_inputs(lora_run["config"])
@@ -330,6 +331,7 @@ SENTENCES = [
 ]
 
 
+@pytest.mark.slow
 def test_finetune_lora_example_script(tmp_path):
     tokenizer = train_bpe_tokenizer(iter(SENTENCES * 5), vocab_size=300, min_frequency=1)
     vocab = len(tokenizer)

@@ -338,6 +338,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_with_gloo(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT).replace("OUT", str(tmp_path / "out")))
@@ -450,6 +451,7 @@ def run_example(name: str, args: list[str], folder: Path, recording_hub: bool = 
     return result.stdout
 
 
+@pytest.mark.slow
 def test_examples_run_as_two_processes_under_torchrun(corpus_and_tokenizer, tmp_path):
     """Both training examples as `torchrun --nproc_per_node 2 ... --use_cpu true --ddp_backend gloo` (the multi-GPU
     command with CPU processes): tokenising once under main_process_first, DDP training, evaluation, one model card
@@ -485,6 +487,7 @@ def test_examples_run_as_two_processes_under_torchrun(corpus_and_tokenizer, tmp_
         torch.testing.assert_close(model.autoencoder.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_examples_train_an_autoencoder_then_a_calm_on_it(corpus_and_tokenizer):
     folder, corpus = corpus_and_tokenizer
     common = ["--preset", "tiny", "--recipe", "tiny", "--train_file", str(corpus), "--max_steps", "3",
