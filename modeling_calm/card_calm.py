@@ -449,7 +449,8 @@ def build_model_card(
         )
     return _render(
         "calm_model_card.md", data, model_name=model_name, k=k, config=config, backbone=backbone, repo=repo,
-        backbone_mlp=getattr(backbone, "intermediate_size", "?"), backbone_heads=getattr(backbone, "num_attention_heads", "?"),
+        backbone_mlp=getattr(backbone, "intermediate_size", "?"),
+        backbone_heads=getattr(backbone, "num_attention_heads", "?"),
         params={name: _millions(count) for name, count in counts.items()}, data_text=data_text,
         evaluation=_sections(evaluation), conversion=_conversion(conversion, license), extra=_extra(extra_sections),
         fluent_temperature=FLUENT_TEMPERATURE, fluent_num_candidates=FLUENT_NUM_CANDIDATES,

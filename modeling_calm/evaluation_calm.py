@@ -1,4 +1,5 @@
-"""BrierLM evaluation of causal language models: sampling, scoring, data loading (arXiv 2510.27688, "Likelihood-Free LM Evaluation"; docs/brierlm.md).
+"""BrierLM evaluation of causal language models: sampling, scoring, data loading (arXiv 2510.27688, section
+"Likelihood-Free LM Evaluation"; docs/brierlm.md).
 
 Not shipped to the Hub (it imports the project package and tqdm); `datasets` is never needed.
 

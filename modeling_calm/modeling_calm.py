@@ -6,7 +6,7 @@ Shape legend of the package (other modules add only letters that are not used he
     energy head; Z for the flow head, whose noise is its start point x0), S head samples per position
     (`num_samples`), M target samples per position (`num_target_samples`), P target positions flattened over
     (batch, step) and Q the valid ones among them, N candidates per row (temperature sampling), C prompt chunks
-    after layout and G decoding steps (generation), R head steps per sample (BrierLM).
+    after layout and G decoding steps (generation), R head steps per sample and U scored positions (BrierLM).
 
 One step (the paper's "Next-Vector Prediction" and "Likelihood-Free Language Modeling" sections): the K tokens of
 chunk i-1 are embedded by the backbone's token embedding, concatenated and compressed to one D-vector

@@ -172,7 +172,8 @@ class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _no_split_modules = ["CalmAutoencoderBlock"]
-    # Per-batch mean loss: the Trainer must scale it for gradient accumulation (a `**kwargs` forward would make it pass `num_items_in_batch` instead).
+    # Per-batch mean loss: the Trainer must scale it for gradient accumulation (a `**kwargs` forward would make it
+    # pass `num_items_in_batch` instead).
     accepts_loss_kwargs = False
     # No attention inside: every attention implementation a parent model asks for is fine.
     _supports_sdpa = True

@@ -13,7 +13,7 @@ This module holds three things: the estimator (`brier_indicators`, `brier_sums`,
 `evaluation_calm` (not shipped) builds the causal-LM sampler from the same pieces.
 
 Shape letters (besides those of `modeling_calm`): `...` any leading dimensions, R = ceil(max_n / K) head steps
-per sample, P scored positions (chunk boundaries for a CALM), and the estimator's `n_tokens >= max_n` tokens per
+per sample, U scored positions (chunk boundaries for a CALM), and the estimator's `n_tokens >= max_n` tokens per
 continuation. Two samples per position. Per-position estimates lie in {-1, 0, 1, 2}: only means over many
 positions (and seeds) are meaningful.
 """
@@ -233,7 +233,7 @@ class BrierAccumulator:
     Example:
         acc = BrierAccumulator(max_n=4)
         for batch in batches:
-            per_position, mask = score(batch)     # [B, P, 4], [B, P]
+            per_position, mask = score(batch)     # [B, U, 4], [B, U]
             acc.update(per_position, mask)
         acc.compute()  # {"brier_1": ..., ..., "brier_4": ..., "brier_lm": ..., "num_positions": ...}
     """
@@ -322,11 +322,11 @@ def continuation_attention_mask(prefix: torch.Tensor, step: int, dtype: torch.dt
 
 
 def gather_targets(labels: torch.Tensor, starts: torch.Tensor, max_n: int) -> torch.Tensor:
-    """The true next max_n tokens from each start: `labels [B, T]`, `starts [P]` -> `[B, P, max_n]`, with
+    """The true next max_n tokens from each start: `labels [B, T]`, `starts [U]` -> `[B, U, max_n]`, with
     `IGNORE_INDEX` past the block end (labels already mark the other non-targets with it)."""
     y = labels.long()
     padded = torch.cat([y, y.new_full((y.shape[0], max_n), IGNORE_INDEX)], dim=1)  # [B, T + max_n]
-    index = starts[:, None] + torch.arange(max_n, device=y.device)[None, :]  # [P, max_n], all < T + max_n
+    index = starts[:, None] + torch.arange(max_n, device=y.device)[None, :]  # [U, max_n], all < T + max_n
     return padded[:, index]
 
 
@@ -422,7 +422,7 @@ def sample_brier_continuations(
     noise = _prepare_noise(model, input_ids, max_n, noise, generator)
     batch, length = input_ids.shape
     num_chunks, steps = length // k, brier_num_steps(k, max_n)
-    positions = brier_num_positions(length, k, max_n)  # P boundaries with room for max_n targets
+    positions = brier_num_positions(length, k, max_n)  # U boundaries with room for max_n targets
     device = input_ids.device
     samples = torch.full((batch, num_chunks, NUM_BRIER_SAMPLES, steps * k), PAD_SAMPLE, dtype=torch.long, device=device)
     if positions == 0:
@@ -433,9 +433,9 @@ def sample_brier_continuations(
         )
 
     out = model(input_ids=input_ids, use_cache=steps > 1)
-    hidden = out.last_hidden_state[:, :positions]  # [B, P, D]: h_i after chunks 0..i
-    hidden = hidden[:, :, None].expand(-1, -1, NUM_BRIER_SAMPLES, -1)  # [B, P, 2, D]
-    tokens = _sample_chunks(model, hidden, noise[:, :positions, :, 0])  # [B, P, 2, K]
+    hidden = out.last_hidden_state[:, :positions]  # [B, U, D]: h_i after chunks 0..i
+    hidden = hidden[:, :, None].expand(-1, -1, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
+    tokens = _sample_chunks(model, hidden, noise[:, :positions, :, 0])  # [B, U, 2, K]
     samples[:, :positions, :, :k] = tokens
     if steps == 1:
         return samples
@@ -445,24 +445,24 @@ def sample_brier_continuations(
 
     rows = NUM_BRIER_SAMPLES * positions  # continuation rows per block, row r = 2 i + s
     dtype = out.last_hidden_state.dtype
-    # Prefix visibility [2P, L]: row (i, s) sees chunks 0..i of the block (already in the cache).
+    # Prefix visibility [2U, L]: row (i, s) sees chunks 0..i of the block (already in the cache).
     causal = torch.arange(num_chunks, device=device)[None, :] <= torch.arange(positions, device=device)[:, None]
     prefix = causal.repeat_interleave(NUM_BRIER_SAMPLES, dim=0)
-    row_positions = torch.arange(positions, device=device).repeat_interleave(NUM_BRIER_SAMPLES)  # [2P]: i per row
+    row_positions = torch.arange(positions, device=device).repeat_interleave(NUM_BRIER_SAMPLES)  # [2U]: i per row
     for step in range(1, steps):
         # Keys: L prefix chunks, then `step` appended groups (the last is this step's input).
-        additive = continuation_attention_mask(prefix, step, dtype)  # [2P, L + 2P * step]
-        embeds = model.embed_chunks(tokens.reshape(batch, rows * k))  # previous chunk of each row -> [B, 2P, D]
+        additive = continuation_attention_mask(prefix, step, dtype)  # [2U, L + 2U * step]
+        embeds = model.embed_chunks(tokens.reshape(batch, rows * k))  # previous chunk of each row -> [B, 2U, D]
         out = model.model(
             inputs_embeds=embeds,
-            attention_mask=additive[None, None].expand(batch, 1, -1, -1),  # [B, 1, 2P, L + 2P * step]
+            attention_mask=additive[None, None].expand(batch, 1, -1, -1),  # [B, 1, 2U, L + 2U * step]
             position_ids=(row_positions + step)[None].expand(batch, -1),  # continuation chunk of row (i, s) at i + step
             use_cache=True,
             **{model._cache_kwarg: cache},
         )
         cache = output_cache(out)
-        hidden = out.last_hidden_state.view(batch, positions, NUM_BRIER_SAMPLES, -1)  # [B, P, 2, D]
-        tokens = _sample_chunks(model, hidden, noise[:, :positions, :, step])  # [B, P, 2, K]
+        hidden = out.last_hidden_state.view(batch, positions, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
+        tokens = _sample_chunks(model, hidden, noise[:, :positions, :, step])  # [B, U, 2, K]
         samples[:, :positions, :, step * k : (step + 1) * k] = tokens
     return samples
 
@@ -479,7 +479,7 @@ def sample_brier_continuations_ref(
 
     For every block, boundary and sample, the context grows one decoded chunk at a time and each step is a plain
     cache-free forward over the context; the head samples on the last hidden state with the same noise entry as
-    the fast path. Cost: B * P * 2 * R forwards.
+    the fast path. Cost: B * U * 2 * R forwards.
     """
     k = _check_inputs(model, input_ids, None, max_n)
     noise = _prepare_noise(model, input_ids, max_n, noise, generator)

@@ -1,4 +1,4 @@
-"""`transformers.Trainer` subclasses for the two training stages of CALM (CALM.md sections 1-2).
+"""`transformers.Trainer` subclasses for the two training stages of CALM (arXiv 2510.27688).
 
 Not shipped to the Hub: the modeling files never import this module.
 
@@ -13,7 +13,7 @@ the remote code, resuming) is the Trainer's own. Each override says why it exist
 
 - `__init__`: both models return a per-batch *mean* loss, so the Trainer must divide it by the number of
   accumulation steps. It does so only when it does not pass `num_items_in_batch` to the model; a `**kwargs`
-  forward would make it do that (HF_NOTES.md section 4), so `model_accepts_loss_kwargs` is forced to False.
+  forward would make it do that (transformers passes `num_items_in_batch` to a `**kwargs` forward), so `model_accepts_loss_kwargs` is forced to False.
 - `compute_loss`: records the extra terms of every training micro-batch (detached, on device: no host sync).
 - `log`: adds their means over the logging window (every micro-batch since the last log, all processes) to the
   training log, beside the Trainer's own window-mean `loss`.
@@ -140,7 +140,7 @@ class _CalmStatsTrainer(Trainer):
 
 
 class CalmTrainer(_CalmStatsTrainer):
-    """`Trainer` for stage 2: a `CalmForCausalLM` on its frozen autoencoder (CALM.md section 2).
+    """`Trainer` for stage 2: a `CalmForCausalLM` on its frozen autoencoder.
 
     Use it exactly like `Trainer` (any `TrainingArguments`, PEFT models, DDP/FSDP/DeepSpeed). The model's
     `train()` keeps the autoencoder frozen and in eval mode whenever the Trainer switches modes.
@@ -200,7 +200,7 @@ class CalmTrainer(_CalmStatsTrainer):
 
 
 class CalmAutoencoderTrainer(_CalmStatsTrainer):
-    """`Trainer` for stage 1: a `CalmAutoencoder` (CALM.md section 1).
+    """`Trainer` for stage 1: a `CalmAutoencoder`.
 
     Training logs: `loss` (`K * cross_entropy + kl_weight * KL`), `reconstruction_loss`, `kl` (the clamped KL,
     summed over Z, mean over chunks) and `accuracy` (token accuracy of the training forward, i.e. under input

@@ -404,5 +404,6 @@ def test_card_templates_and_the_metric_are_package_data():
     patterns = parser["options.package_data"]["modeling_calm"].split()
     data = [p.relative_to(root).as_posix() for sub in ("templates", "metrics") for p in (root / sub).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts]
-    assert {"templates/calm_model_card.md", "templates/calm_autoencoder_card.md", "metrics/brier_lm/brier_lm.py"} <= set(data)
+    expected = {"templates/calm_model_card.md", "templates/calm_autoencoder_card.md", "metrics/brier_lm/brier_lm.py"}
+    assert expected <= set(data)
     assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in data), (data, patterns)
