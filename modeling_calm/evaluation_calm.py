@@ -578,6 +578,10 @@ def load_text_blocks(
 ) -> dict[str, torch.Tensor]:
     """Tokenizes an evaluation file and cuts it into blocks of `block_size` tokens, without `datasets`.
 
+    Not (yet) through `data_calm.iter_texts`: that reader takes a `.txt` as one text per line and joins documents
+    by its own separator rule, so switching would change which blocks an evaluation scores; unifying the two
+    readers is its own change.
+
     - `.jsonl`: one JSON object per line with a "text" field, each a document; any other file: the whole file is
       one document. Blank documents are skipped.
     - Documents are tokenized without special tokens and concatenated with one separator token between
