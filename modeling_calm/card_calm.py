@@ -365,7 +365,8 @@ def _conversion(conversion: str | Mapping[str, Any] | None, license: str) -> str
     return f"\n## Conversion\n\n{text}\n\n{caveat}\n"
 
 
-# The card texts: Jinja templates shipped inside the package (package data), rendered by huggingface_hub.
+# The card texts: Jinja templates shipped inside the package (package data), rendered by huggingface_hub's
+# ModelCard.from_template (jinja2 comes with torch, which requires it).
 TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
