@@ -4,6 +4,7 @@ only fixtures).
 Tiny configurations use odd sizes on purpose: hidden 32, vocab 99, K=4, Z=8.
 """
 
+import itertools
 import json
 import os
 import random
@@ -111,3 +112,34 @@ def run_without_package(script: str, cwd: Path, env_extra: dict | None = None, t
                             timeout=timeout, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+# Markov chains: token distributions whose exact Brier scores are known in closed form.
+
+
+def random_transition(vocab: int, sharpness: float, seed: int) -> torch.Tensor:
+    """Random row-stochastic [V, V] matrix in float64; larger `sharpness` gives more peaked rows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharpness * torch.randn(vocab, vocab, generator=g, dtype=torch.float64), dim=-1)
+
+
+def sample_chain(transition: torch.Tensor, start: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
+    """start LongTensor [N] -> [N, steps] continuations of the Markov chain."""
+    out, state = [], start
+    for _ in range(steps):
+        state = torch.multinomial(transition[state], 1, generator=g)[:, 0]
+        out.append(state)
+    return torch.stack(out, dim=-1)
+
+
+def markov_brier(transition: torch.Tensor, context: int, target: list[int], n: int) -> float:
+    """Brier(P, y) = 2 P(y) - sum_x P(x)^2 over n-grams after `context`, by enumerating all V^n n-grams."""
+    def prob(gram):
+        p, state = 1.0, context
+        for x in gram:
+            p, state = p * float(transition[state, x]), x
+        return p
+
+    vocab = transition.shape[0]
+    squares = sum(prob(g) ** 2 for g in itertools.product(range(vocab), repeat=n))
+    return 2 * prob(target[:n]) - squares
