@@ -3,7 +3,7 @@
 
 Not shipped to the Hub (it imports the project package and tqdm); `datasets` is never needed.
 
-Shape letters: B blocks in a batch, T tokens per block, P = T - max_n positions that have max_n true future tokens
+Shape letters: B blocks in a batch, T tokens per block, U = T - max_n positions that have max_n true future tokens
 inside the block, S = 2 independent samples per position, V vocabulary, max_n the largest n-gram order (4).
 
 What is scored
@@ -28,8 +28,8 @@ Plugging in other models: the `score_brier` protocol
 with `input_ids` and `labels` LongTensors [B, T] (right-padded blocks; labels of -100 mark tokens that must not
 be targets, padding included; labels None means labels = input_ids), `generator` a `torch.Generator` (on the
 CPU) or None that must be the only source of randomness so that a seed fixes the result, returning
-`per_position_brier` float [B, P_model, max_n] (per-position estimates from `modeling_calm_brier.brier_indicators`, any
-P_model, e.g. one entry per token or per chunk start) and `mask` bool [B, P_model] or [B, P_model, max_n] (True
+`per_position_brier` float [B, U_model, max_n] (per-position estimates from `modeling_calm_brier.brier_indicators`, any
+U_model, e.g. one entry per token or per chunk start) and `mask` bool [B, U_model] or [B, U_model, max_n] (True
 where the entry counts), it is used as is. A CALM implements it by sampling two continuations per position from
 its generative head (continuing autoregressively, each sample on its own previous chunk, while K < max_n).
 Otherwise the model is treated as a standard transformers causal LM and scored by `score_causal_lm`.
@@ -37,7 +37,7 @@ Otherwise the model is treated as a standard transformers causal LM and scored b
 Fast path (`score_causal_lm`) versus reference (`score_causal_lm_ref`)
 -------------------------------------------------------------------
 The fast path runs one forward over the whole block (first sampled token for every position at once, and the
-KV cache of the block), then max_n - 1 forwards that each append one token of all 2P continuations to the
+KV cache of the block), then max_n - 1 forwards that each append one token of all 2U continuations to the
 cache: row r = 2t + s carries sample s of position t, at position id pos(t) + j, and a custom 4-D additive mask
 lets it see prefix tokens <= t and its own earlier continuation tokens only. The reference loops over rows,
 positions and samples with plain cache-free forwards of prefix + continuation. Both turn one uniform number
@@ -138,7 +138,7 @@ def _prepare(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_n: int, noise: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Validates sampler inputs; returns (attention_mask as bool [B, T], noise [B, P, S, max_n], P)."""
+    """Validates sampler inputs; returns (attention_mask as bool [B, T], noise [B, U, 2, max_n], U)."""
     check_max_n(max_n)
     _check_ids("input_ids", input_ids)
     _check_ids("attention_mask", attention_mask, like=input_ids)
@@ -182,9 +182,9 @@ def sample_continuations(
         return_logits (`bool`, *optional*): also return the logits each draw used.
 
     Returns:
-        `samples` LongTensor [B, P, 2, max_n] with P = max(T - max_n, 0): `samples[b, t, s]` continues tokens
+        `samples` LongTensor [B, U, 2, max_n] with U = max(T - max_n, 0): `samples[b, t, s]` continues tokens
         0..t of block b; positions whose own token is padding hold -1. With `return_logits`, also float32
-        logits [B, P, 2, max_n, V] (memory-hungry; meant for tests).
+        logits [B, U, 2, max_n, V] (memory-hungry; meant for tests).
     """
     real, noise, num_positions = _prepare(input_ids, attention_mask, max_n, noise, generator)
     check_maskable_attention(getattr(model, "config", None), "The fast Brier sampler", "score_causal_lm_ref")
@@ -196,8 +196,8 @@ def sample_continuations(
 
     positions = _position_ids(real)  # [B, T]
     out = model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True)
-    logits = out.logits[:, :num_positions]  # [B, P, V]: next-token logits of every scored position
-    # One CDF per position serves both samples: uniforms [B, P, 2] -> tokens [B, P, 2].
+    logits = out.logits[:, :num_positions]  # [B, U, V]: next-token logits of every scored position
+    # One CDF per position serves both samples: uniforms [B, U, 2] -> tokens [B, U, 2].
     samples[..., 0] = _sample_from_logits(logits, noise[..., 0])
     kept = [logits[:, :, None].expand(-1, -1, NUM_BRIER_SAMPLES, -1).float()] if return_logits else []
     cache = output_cache(out)
@@ -206,30 +206,30 @@ def sample_continuations(
 
     rows = NUM_BRIER_SAMPLES * num_positions  # continuation rows per block, row r = 2 t + s
     dtype = _model_dtype(model, out.logits.dtype)
-    # Prefix visibility [B, 2P, T]: row (t, s) sees real prefix tokens k <= t (causal attention within the block).
+    # Prefix visibility [B, 2U, T]: row (t, s) sees real prefix tokens k <= t (causal attention within the block).
     causal = torch.arange(length, device=device)[None, :] <= torch.arange(num_positions, device=device)[:, None]
     prefix = causal.repeat_interleave(NUM_BRIER_SAMPLES, dim=0)[None] & real[:, None, :]
-    row_positions = positions[:, :num_positions, None].expand(-1, -1, NUM_BRIER_SAMPLES).reshape(batch, rows)  # [B, 2P]
+    row_positions = positions[:, :num_positions, None].expand(-1, -1, NUM_BRIER_SAMPLES).reshape(batch, rows)  # [B, 2U]
 
     for step in range(1, max_n):
         # Keys so far: T prefix tokens, then `step` appended blocks (the last one is this step's input).
-        additive = continuation_attention_mask(prefix, step, dtype)  # [B, 2P, T + 2P * step]
+        additive = continuation_attention_mask(prefix, step, dtype)  # [B, 2U, T + 2U * step]
         out = model(
-            input_ids=samples[..., step - 1].reshape(batch, rows),  # token step-1 of every continuation [B, 2P]
-            attention_mask=additive[:, None],  # [B, 1, 2P, T + 2P * step]
+            input_ids=samples[..., step - 1].reshape(batch, rows),  # token step-1 of every continuation [B, 2U]
+            attention_mask=additive[:, None],  # [B, 1, 2U, T + 2U * step]
             position_ids=row_positions + step,  # continuation token j sits at pos(t) + 1 + j
             use_cache=True,
             **cache_kwargs(model, cache),
         )
         cache = output_cache(out)
-        step_logits = out.logits.reshape(batch, num_positions, NUM_BRIER_SAMPLES, -1)  # [B, P, 2, V]
+        step_logits = out.logits.reshape(batch, num_positions, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, V]
         samples[..., step] = _sample_from_logits(step_logits, noise[..., step, None])[..., 0]
         if return_logits:
             kept.append(step_logits.float())
 
     samples.masked_fill_(~real[:, :num_positions, None, None], PAD_SAMPLE)
     if return_logits:
-        return samples, torch.stack(kept, dim=3)  # [B, P, 2, max_n, V]
+        return samples, torch.stack(kept, dim=3)  # [B, U, 2, max_n, V]
     return samples
 
 
@@ -247,7 +247,7 @@ def sample_continuations_ref(
 
     For every block, position and sample it strips padding, then grows the continuation one token at a time
     with a plain cache-free forward over prefix + continuation, using the same uniforms as the fast path.
-    Cost: B * P * 2 * max_n forwards. Logits at padded positions are returned as zeros.
+    Cost: B * U * 2 * max_n forwards. Logits at padded positions are returned as zeros.
     """
     real, noise, num_positions = _prepare(input_ids, attention_mask, max_n, noise, generator)
     batch = input_ids.shape[0]
@@ -291,8 +291,8 @@ def true_continuations(
     """True next max_n tokens of every position and the end-of-block / label rule (module docstring).
 
     Returns:
-        `targets` LongTensor [B, P, max_n] (`targets[b, t] = labels[b, t+1 : t+1+max_n]`, labels default to
-        input_ids, HF convention: labels are aligned with input_ids and shifted here) and `valid` bool [B, P]:
+        `targets` LongTensor [B, U, max_n] (`targets[b, t] = labels[b, t+1 : t+1+max_n]`, labels default to
+        input_ids, HF convention: labels are aligned with input_ids and shifted here) and `valid` bool [B, U]:
         True iff all max_n targets are real (label != -100, attention_mask 1) and token t is real.
     """
     check_max_n(max_n)
