@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_calm import CalmConfig, CalmForCausalLM  # noqa: E402
+from modeling_calm.modeling_calm_heads import zero_init_layers  # noqa: E402
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +104,8 @@ def build_models(args):
     calm = CalmForCausalLM(config)
     # The heads' output layer starts at zero (every sample would be the same latent): give it random weights so
     # candidates differ, as in a trained model.
-    for module in calm.modules():
-        if getattr(module, "_calm_zero_init", False):
-            torch.nn.init.normal_(module.weight, std=config.initializer_range)
+    for layer in zero_init_layers(calm):
+        torch.nn.init.normal_(layer.weight, std=config.initializer_range)
     calm = calm.to(device=args.device, dtype=dtype).eval()
     calm.generation_config.eos_token_id = None
     calm.generation_config.calm_stop_on_bos = False

@@ -40,8 +40,8 @@ import transformers
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import modeling_calm
-from modeling_calm.brier_calm import BRIER_LM_MAX_N
 from modeling_calm.data_calm import load_tokenizer
+from modeling_calm.modeling_calm_brier import BRIER_LM_MAX_N
 from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

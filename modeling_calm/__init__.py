@@ -8,8 +8,8 @@ Importing the package registers the classes with the Auto* factories, so `AutoCo
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_calm import CalmAutoencoderConfig, CalmConfig
-from .generation_calm import CalmGenerateOutput, CalmGenerationMixin
 from .modeling_calm import CalmCausalLMOutput, CalmForCausalLM, CalmPreTrainedModel
+from .modeling_calm_generation import CalmGenerateOutput, CalmGenerationMixin
 from .modeling_calm_autoencoder import CalmAutoencoder, CalmAutoencoderOutput
 from .modeling_calm_heads import CalmEnergyHead, CalmFlowHead, energy_score
 

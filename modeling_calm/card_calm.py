@@ -48,7 +48,7 @@ CALM_BIBTEX = """@article{shao2025calm,
 }"""
 CALM_TAGS = ["calm", "continuous-autoregressive", "custom_code"]
 BRIER_KEYS = ("brier_1", "brier_2", "brier_3", "brier_4")
-# Advice of the paper for fluent text (CALM.md section 4).
+# Advice of the paper for fluent text (arXiv 2510.27688, "Likelihood-Free Temperature Sampling").
 FLUENT_TEMPERATURE, FLUENT_NUM_CANDIDATES = 0.5, 200
 # A card built without `repo_id` names `REPO_PLACEHOLDER/<model_name>` in its loading snippet, with a sentence that
 # says so; `push_calm_to_hub` (and `CalmTrainer` when pushing) write the real repo id in (`fill_repo_id`).
@@ -385,9 +385,16 @@ def _conversion(conversion: str | Mapping[str, Any] | None, license: str) -> str
     return f"\n## Conversion\n\n{text}\n\n{caveat}\n"
 
 
-def _card(data: ModelCardData, body: str) -> ModelCard:
-    # Same result as ModelCard.from_template with a one-line template, without needing jinja2.
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+# The card texts: Jinja templates shipped inside the package (package data), rendered by huggingface_hub's
+# ModelCard.from_template (jinja2 comes with torch, which requires it).
+TEMPLATES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+
+
+def _render(template: str, data: ModelCardData, **values) -> ModelCard:
+    """`ModelCard.from_template` on one of the package's templates; `values` are its variables (the paper's link and
+    BibTeX are always there)."""
+    path = os.path.join(TEMPLATES_DIR, template)
+    return ModelCard.from_template(data, template_path=path, paper_url=CALM_PAPER_URL, bibtex=CALM_BIBTEX, **values)
 
 
 def build_model_card(
@@ -454,21 +461,6 @@ def build_model_card(
         base_model=base_model, datasets=dataset_ids or None, eval_results=eval_results or None,
     )
 
-    details = "\n".join([
-        "| | |", "|---|---|",
-        f"| K (tokens per step, `patch_size`) | {k} |",
-        f"| latent size Z (`latent_size`) | {config.latent_size} |",
-        f"| generative head | {config.head_type} ({config.num_mlp_layers} blocks, noise size {config.noise_size}) |",
-        f"| backbone | {backbone.model_type}, width {backbone.hidden_size}, depth {backbone.num_hidden_layers}, "
-        f"MLP {getattr(backbone, 'intermediate_size', '?')}, {getattr(backbone, 'num_attention_heads', '?')} heads |",
-        f"| context | {backbone.max_position_embeddings} steps = {backbone.max_position_embeddings * k} tokens |",
-        f"| vocabulary | {config.vocab_size} |",
-        f"| parameters without the autoencoder | {_millions(counts['without_autoencoder'])} |",
-        f"| of which backbone / input compression / head | {_millions(counts['backbone'])} / "
-        f"{_millions(counts['compression'])} / {_millions(counts['head'])} |",
-        f"| parameters of the frozen autoencoder | {_millions(counts['autoencoder'])} |",
-        f"| parameters in total | {_millions(counts['total'])} |",
-    ])
     evaluation = []
     if brier:
         evaluation.append(_brier_section(brier))
@@ -477,64 +469,15 @@ def build_model_card(
             f"Autoencoder reconstruction on {_dataset_text(accuracy)}:\n\n| | |\n|---|---|\n"
             + "\n".join(_accuracy_rows(accuracy))
         )
-    body = f"""# {model_name}
-
-A **Continuous Autoregressive Language Model** (CALM, [Shao et al., 2025]({CALM_PAPER_URL})). A frozen autoencoder
-compresses every chunk of K = {k} tokens into one continuous vector of size {config.latent_size}; a Transformer
-predicts the next vector with a likelihood-free generative head ({config.head_type}), and the autoencoder decodes
-it back into K tokens. Generation therefore takes one step per {k} tokens.
-{_conversion(conversion, license)}
-## Model details
-
-{details}
-
-{data_text}
-
-## Evaluation
-
-{_sections(evaluation)}
-
-## How to use
-
-The modeling code lives in this repository, so loading needs `trust_remote_code=True`, for the tokenizer too
-(`AutoTokenizer` reads this repository's config.json, whose class is remote code, and would otherwise ask):
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-text = "The history of the city begins"
-output = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=64, temperature={FLUENT_TEMPERATURE},
-                        num_candidates={FLUENT_NUM_CANDIDATES}, seed=0)
-print(tokenizer.decode(output[0], skip_special_tokens=True))
-```
-{placeholder_note}
-`generate` produces K = {k} tokens per step; each step samples the next latent with the head and decodes it with
-the autoencoder.
-
-## Intended use and limitations
-
-- Research on continuous, likelihood-free language modelling. The model is **likelihood-free**: it has no token
-  probabilities, so it has no perplexity or log-likelihood; compare models with BrierLM.
-- Temperature is likelihood-free too (rejection-style sampling from the model's own samples). At temperature 1
-  samples are diverse but rarely fluent; for fluent text use the approximate method with T <= {FLUENT_TEMPERATURE} and
-  about N = {FLUENT_NUM_CANDIDATES} candidates per step (as above), which costs roughly N times more per step.
-- BrierLM is a sampling estimate: it moves between sampling seeds, so compare models on the same text and report
-  the spread over seeds.
-- Outputs are not factual and may be biased or offensive like the training text; do not use them as facts or
-  for decisions about people.
-- The autoencoder is frozen and part of the checkpoint; fine-tuning (e.g. LoRA) adapts the backbone, its input
-  compression and the head only. Text is read in chunks of K tokens: a prompt whose length is not a multiple of K
-  starts with a partial chunk, completed on the left with BOS.{_extra(extra_sections)}
-
-## Citation
-
-```bibtex
-{CALM_BIBTEX}
-```
-"""
-    return _card(data, body)
+    return _render(
+        "calm_model_card.md", data, model_name=model_name, k=k, config=config, backbone=backbone, repo=repo,
+        backbone_mlp=getattr(backbone, "intermediate_size", "?"),
+        backbone_heads=getattr(backbone, "num_attention_heads", "?"),
+        params={name: _millions(count) for name, count in counts.items()}, data_text=data_text,
+        evaluation=_sections(evaluation), conversion=_conversion(conversion, license), extra=_extra(extra_sections),
+        placeholder_note=placeholder_note,
+        fluent_temperature=FLUENT_TEMPERATURE, fluent_num_candidates=FLUENT_NUM_CANDIDATES,
+    )
 
 
 def build_autoencoder_card(
@@ -598,61 +541,12 @@ def build_autoencoder_card(
         rows = "\n".join(f"| {sigma:g} | {100 * acc:.3f} % |" for sigma, acc in sorted(robustness.items()))
         evaluation.append(f"Robustness: token accuracy with Gaussian noise of std sigma added to z.\n\n"
                           f"| sigma | token accuracy |\n|---|---|\n{rows}")
-    body = f"""# {model_name}
-
-The chunk autoencoder of a **Continuous Autoregressive Language Model** (CALM, [Shao et al., 2025]({CALM_PAPER_URL})):
-it maps every chunk of K = {k} tokens to one latent vector of size {config.latent_size} and back, context-free.
-Its latent space is trained to be robust (variational, with KL clipping and dropout), so a language model can
-predict it. A CALM nests it, frozen, in its own checkpoint.
-{_conversion(conversion, license)}
-## Model details
-
-| | |
-|---|---|
-| K (tokens per chunk, `patch_size`) | {k} |
-| latent size Z (`latent_size`) | {config.latent_size} |
-| width / MLP | {config.hidden_size} / {config.intermediate_size} |
-| encoder / decoder blocks | {config.num_encoder_layers} / {config.num_decoder_layers} |
-| vocabulary | {config.vocab_size} |
-| parameters | {_millions(parameters)} |
-
-{data_text}
-
-## Evaluation
-
-{_sections(evaluation)}
-
-## How to use
-
-`trust_remote_code=True` on the tokenizer too: `AutoTokenizer` reads this repository's config.json, whose class
-is remote code.
-
-```python
-from transformers import AutoModel, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
-autoencoder = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
-ids = tokenizer("Each chunk of K tokens becomes one vector.", return_tensors="pt").input_ids
-ids = ids[:, : ids.shape[1] // {k} * {k}]                 # whole chunks of K = {k} tokens
-mean, log_std = autoencoder.encode(ids)                  # [1, chunks, {config.latent_size}]
-tokens = autoencoder.decode_tokens(mean)                 # back to [1, chunks * {k}] token ids
-```
-{placeholder_note}
-## Intended use and limitations
-
-- Stage 1 of CALM (train a language model on its latents with `CalmForCausalLM.from_autoencoder`), and a
-  context-free chunk embedder. Each chunk is encoded on its own: the vectors carry no context.
-- Text is read in whole chunks of K tokens; a chunk that crosses a document border mixes both documents.
-- Accuracy is measured with z sampled from the posterior (the noise the language model must tolerate) and with the
-  posterior mean; reconstructions are not guaranteed to be exact.{_extra(extra_sections)}
-
-## Citation
-
-```bibtex
-{CALM_BIBTEX}
-```
-"""
-    return _card(data, body)
+    return _render(
+        "calm_autoencoder_card.md", data, model_name=model_name, k=k, config=config, repo=repo,
+        parameters=_millions(parameters), data_text=data_text, evaluation=_sections(evaluation),
+        conversion=_conversion(conversion, license), extra=_extra(extra_sections),
+        placeholder_note=placeholder_note,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

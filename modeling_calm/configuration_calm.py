@@ -24,6 +24,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+__all__ = ["CalmAutoencoderConfig", "CalmConfig", "HEAD_TYPES"]
+
 HEAD_TYPES = ("energy", "flow")
 
 # Decoder families accepted as the backbone: causal decoders whose state at chunk i depends only on chunks <= i
@@ -68,7 +70,8 @@ def _check_probability(name: str, value) -> None:
 
 
 class CalmAutoencoderConfig(PretrainedConfig):
-    r"""Configuration of :class:`CalmAutoencoder`, the chunk autoencoder of CALM (CALM.md section 1).
+    r"""Configuration of :class:`CalmAutoencoder`, the chunk autoencoder of CALM (arXiv 2510.27688, section
+    "Autoencoder").
 
     Args:
         vocab_size (`int`): V, size of the token vocabulary.
@@ -153,7 +156,7 @@ class CalmAutoencoderConfig(PretrainedConfig):
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
 
 
-# CALM-M's backbone (CALM.md section 2), used when no backbone is given.
+# CALM-M's backbone (the paper's model table), used when no backbone is given.
 DEFAULT_BACKBONE = dict(
     hidden_size=1024, intermediate_size=2752, num_hidden_layers=16, num_attention_heads=16,
     num_key_value_heads=16, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -193,7 +196,7 @@ def _check_causal_backbone(model_type) -> None:
 
 
 class CalmConfig(PretrainedConfig):
-    r"""Configuration of :class:`CalmForCausalLM` (CALM.md section 2).
+    r"""Configuration of :class:`CalmForCausalLM` (arXiv 2510.27688, section "Next-Vector Prediction").
 
     Args:
         autoencoder_config (`dict` or `CalmAutoencoderConfig`): the frozen autoencoder's config (nested).
@@ -216,7 +219,7 @@ class CalmConfig(PretrainedConfig):
 
     model_type = "calm"
     sub_configs = {"autoencoder_config": CalmAutoencoderConfig, "backbone_config": AutoConfig}
-    # The Trainer's default prediction_step must not gather the KV cache (HF_NOTES.md section 4).
+    # The Trainer's default prediction_step must not gather the KV cache (it would try to concatenate it).
     keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the KV cache under both names (5.24 renamed it)
 
     def __init__(
@@ -243,7 +246,7 @@ class CalmConfig(PretrainedConfig):
                 **{k: v for k, v in autoencoder_config.items() if k != "model_type"}
             )
         elif getattr(autoencoder_config, "model_type", None) != CalmAutoencoderConfig.model_type:
-            # Duck-typed: remote code loads config classes from different module hashes (HF_NOTES.md section 2).
+            # Duck-typed: remote code loads config classes from different module hashes, so isinstance would fail.
             raise ValueError(
                 f"`autoencoder_config` must be a dict or a CalmAutoencoderConfig, got {type(autoencoder_config)}."
             )

@@ -320,38 +320,8 @@ def train_bpe_tokenizer(
     Returns:
         A `PreTrainedTokenizerFast` with `bos_token`, `eos_token` and `pad_token` set (those given).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    special_tokens = dict(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
-    unknown_roles = set(special_tokens) - set(_SPECIAL_TOKEN_ROLES)
-    if unknown_roles:
-        raise ValueError(f"Unknown special token roles {sorted(unknown_roles)}: use {list(_SPECIAL_TOKEN_ROLES)}.")
-    if len(set(special_tokens.values())) != len(special_tokens):
-        raise ValueError(f"special_tokens={special_tokens} gives two roles the same string.")
-    smallest = _BYTE_ALPHABET_SIZE + len(special_tokens)
-    if vocab_size < smallest:
-        raise ValueError(
-            f"vocab_size={vocab_size} is too small: byte-level BPE needs the {_BYTE_ALPHABET_SIZE} byte symbols "
-            f"plus {len(special_tokens)} special tokens, at least {smallest}."
-        )
-    if min_frequency < 1:
-        raise ValueError(f"min_frequency={min_frequency} must be >= 1.")
-    if max_texts is not None and max_texts < 1:
-        raise ValueError(f"max_texts={max_texts} must be >= 1 or None.")
-
-    if isinstance(files_or_iterator, (str, os.PathLike, list, tuple)):
-        try:
-            texts = iter_texts(files_or_iterator, text_column=text_column)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} To train on texts in memory, pass an iterator: iter(texts).") from err
-    else:
-        texts = iter(files_or_iterator)
-    texts = itertools.islice(texts, max_texts)
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        texts = tqdm(texts, desc="reading texts", unit=" texts", total=max_texts)
-
+    special_tokens = _check_tokenizer_settings(special_tokens, vocab_size, min_frequency, max_texts)
+    texts = _training_texts(files_or_iterator, text_column, max_texts, show_progress)
     num_texts = 0
 
     def batches() -> Iterator[list[str]]:
@@ -360,18 +330,7 @@ def train_bpe_tokenizer(
             num_texts += len(batch)
             yield batch
 
-    tokenizer = Tokenizer(models.BPE())
-    # The GPT-2 split regex keeps leading spaces attached to words; bytes are mapped to printable symbols, so
-    # every string (any unicode, any whitespace) has an encoding and decodes back exactly.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(special_tokens.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
-    )
+    tokenizer, trainer = _byte_level_bpe(vocab_size, min_frequency, special_tokens, show_progress)
     tokenizer.train_from_iterator(batches(), trainer=trainer)
     if num_texts == 0:
         raise ValueError(f"No texts to train the tokenizer on in {files_or_iterator!r}.")
@@ -389,6 +348,63 @@ def train_bpe_tokenizer(
         wrapped.save_pretrained(output_dir)
         logger.info(f"Saved the tokenizer to {output_dir}.")
     return wrapped
+
+
+def _check_tokenizer_settings(special_tokens, vocab_size: int, min_frequency: int, max_texts) -> dict[str, str]:
+    """`train_bpe_tokenizer`'s settings checked; returns the special tokens (role -> string)."""
+    special_tokens = dict(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    unknown_roles = set(special_tokens) - set(_SPECIAL_TOKEN_ROLES)
+    if unknown_roles:
+        raise ValueError(f"Unknown special token roles {sorted(unknown_roles)}: use {list(_SPECIAL_TOKEN_ROLES)}.")
+    if len(set(special_tokens.values())) != len(special_tokens):
+        raise ValueError(f"special_tokens={special_tokens} gives two roles the same string.")
+    smallest = _BYTE_ALPHABET_SIZE + len(special_tokens)
+    if vocab_size < smallest:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs the {_BYTE_ALPHABET_SIZE} byte symbols "
+            f"plus {len(special_tokens)} special tokens, at least {smallest}."
+        )
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency={min_frequency} must be >= 1.")
+    if max_texts is not None and max_texts < 1:
+        raise ValueError(f"max_texts={max_texts} must be >= 1 or None.")
+    return special_tokens
+
+
+def _training_texts(files_or_iterator, text_column: str, max_texts: int | None, show_progress: bool) -> Iterator[str]:
+    """The texts `train_bpe_tokenizer` reads: files through `iter_texts`, any other iterable as is."""
+    if isinstance(files_or_iterator, (str, os.PathLike, list, tuple)):
+        try:
+            texts = iter_texts(files_or_iterator, text_column=text_column)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} To train on texts in memory, pass an iterator: iter(texts).") from err
+    else:
+        texts = iter(files_or_iterator)
+    texts = itertools.islice(texts, max_texts)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        texts = tqdm(texts, desc="reading texts", unit=" texts", total=max_texts)
+    return texts
+
+
+def _byte_level_bpe(vocab_size: int, min_frequency: int, special_tokens: dict[str, str], show_progress: bool):
+    """An untrained byte-level BPE tokenizer and its trainer: `(Tokenizer, BpeTrainer)`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    # The GPT-2 split regex keeps leading spaces attached to words; bytes are mapped to printable symbols, so
+    # every string (any unicode, any whitespace) has an encoding and decodes back exactly.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    return tokenizer, trainer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,6 +543,21 @@ def _pack_blocks(shards: list, block_size: int, batch_size: int) -> Iterator[dic
             carry = tokens[num_blocks * block_size :]
 
 
+def _pack_stream(dataset, tokenize_kwargs: dict, features, pack_kwargs: dict):
+    """`tokenize_and_pack` of a streamed dataset: lazy, one shard after the other."""
+    datasets = _require_datasets()
+    # Lazy; the other columns stay in the mapped stream, the packer reads only input_ids.
+    tokenized = dataset.map(
+        _tokenize_batch, batched=True, batch_size=pack_kwargs["batch_size"], fn_kwargs=tokenize_kwargs
+    )
+    # datasets calls the generator once per entry of `shards` (and hands the entries to DataLoader workers), so
+    # every shard is packed on its own and drops its own remainder.
+    shards = [tokenized.shard(num_shards=tokenized.num_shards, index=i) for i in range(tokenized.num_shards)]
+    return datasets.IterableDataset.from_generator(
+        _pack_blocks, features=features, gen_kwargs=dict(shards=shards, **pack_kwargs)
+    )
+
+
 def tokenize_and_pack(
     dataset: Dataset | IterableDataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -590,14 +621,7 @@ def tokenize_and_pack(
     pack_kwargs = dict(block_size=block_size, batch_size=batch_size)
 
     if isinstance(dataset, datasets.IterableDataset):
-        # Lazy; the other columns stay in the mapped stream, the packer reads only input_ids.
-        tokenized = dataset.map(_tokenize_batch, batched=True, batch_size=batch_size, fn_kwargs=tokenize_kwargs)
-        # datasets calls the generator once per entry of `shards` (and hands the entries to DataLoader workers),
-        # so every shard is packed on its own and drops its own remainder.
-        shards = [tokenized.shard(num_shards=tokenized.num_shards, index=i) for i in range(tokenized.num_shards)]
-        return datasets.IterableDataset.from_generator(
-            _pack_blocks, features=features, gen_kwargs=dict(shards=shards, **pack_kwargs)
-        )
+        return _pack_stream(dataset, tokenize_kwargs, features, pack_kwargs)
 
     tokenized = dataset.map(
         _tokenize_batch,

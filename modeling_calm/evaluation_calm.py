@@ -1,15 +1,16 @@
-"""BrierLM evaluation of causal language models: sampling, scoring, data loading (CALM.md section 3).
+"""BrierLM evaluation of causal language models: sampling, scoring, data loading (arXiv 2510.27688, section
+"Likelihood-Free LM Evaluation"; docs/brierlm.md).
 
 Not shipped to the Hub (it imports the project package and tqdm); `datasets` is never needed.
 
-Shape letters: B blocks in a batch, T tokens per block, P = T - max_n positions that have max_n true future tokens
+Shape letters: B blocks in a batch, T tokens per block, U = T - max_n positions that have max_n true future tokens
 inside the block, S = 2 independent samples per position, V vocabulary, max_n the largest n-gram order (4).
 
 What is scored
 --------------
 At every position t of a block (context: tokens 0..t), two continuations of max_n tokens are sampled from the
 model at temperature 1 (plain softmax, no top-k/top-p) and compared with the true tokens t+1..t+max_n by
-`brier_calm.brier_indicators` (Brier-n = 1{x1=y} + 1{x2=y} - 1{x1=x2} on n-grams).
+`modeling_calm_brier.brier_indicators` (Brier-n = 1{x1=y} + 1{x2=y} - 1{x1=x2} on n-grams).
 
 End-of-block rule: position t is scored only if all max_n true future tokens t+1..t+max_n lie inside the block
 and none has label -100 (and, with an `attention_mask`, token t and the targets are real tokens). The same
@@ -27,8 +28,8 @@ Plugging in other models: the `score_brier` protocol
 with `input_ids` and `labels` LongTensors [B, T] (right-padded blocks; labels of -100 mark tokens that must not
 be targets, padding included; labels None means labels = input_ids), `generator` a `torch.Generator` (on the
 CPU) or None that must be the only source of randomness so that a seed fixes the result, returning
-`per_position_brier` float [B, P_model, max_n] (per-position estimates from `brier_calm.brier_indicators`, any
-P_model, e.g. one entry per token or per chunk start) and `mask` bool [B, P_model] or [B, P_model, max_n] (True
+`per_position_brier` float [B, U_model, max_n] (per-position estimates from `modeling_calm_brier.brier_indicators`, any
+U_model, e.g. one entry per token or per chunk start) and `mask` bool [B, U_model] or [B, U_model, max_n] (True
 where the entry counts), it is used as is. A CALM implements it by sampling two continuations per position from
 its generative head (continuing autoregressively, each sample on its own previous chunk, while K < max_n).
 Otherwise the model is treated as a standard transformers causal LM and scored by `score_causal_lm`.
@@ -36,7 +37,7 @@ Otherwise the model is treated as a standard transformers causal LM and scored b
 Fast path (`score_causal_lm`) versus reference (`score_causal_lm_ref`)
 -------------------------------------------------------------------
 The fast path runs one forward over the whole block (first sampled token for every position at once, and the
-KV cache of the block), then max_n - 1 forwards that each append one token of all 2P continuations to the
+KV cache of the block), then max_n - 1 forwards that each append one token of all 2U continuations to the
 cache: row r = 2t + s carries sample s of position t, at position id pos(t) + j, and a custom 4-D additive mask
 lets it see prefix tokens <= t and its own earlier continuation tokens only. The reference loops over rows,
 positions and samples with plain cache-free forwards of prefix + continuation. Both turn one uniform number
@@ -57,20 +58,22 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from modeling_calm.modeling_calm_brier import (
+    BRIER_LM_MAX_N,
+    IGNORE_INDEX,
+    NUM_BRIER_SAMPLES,
+    PAD_SAMPLE,
+    BrierAccumulator,
+    brier_indicators,
+    check_max_n,
+    check_maskable_attention,
+    continuation_attention_mask,
+    gather_targets,
+)
 from modeling_calm.modeling_calm_compat import cache_kwargs, output_cache
-from modeling_calm.brier_calm import BRIER_LM_MAX_N, BrierAccumulator, _check_max_n, brier_indicators
 
 
 logger = logging.get_logger(__name__)
-
-# The estimator of eq. 2 needs exactly two independent samples per position.
-NUM_SAMPLES = 2
-# transformers' convention for "not a target".
-IGNORE_INDEX = -100
-# Sample id written at positions whose own token is padding (attention_mask 0); such positions are never scored.
-PAD_SAMPLE = -1
-# Attention implementations that accept an arbitrary 4-D additive float mask.
-_MASKABLE_ATTENTION = ("eager", "sdpa")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,27 +133,17 @@ def _sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.T
     return tokens.clamp_(max=logits.shape[-1] - 1)
 
 
-def _check_attention(model) -> None:
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if impl is not None and impl not in _MASKABLE_ATTENTION:
-        raise ValueError(
-            f"The fast Brier sampler needs an attention implementation that accepts a custom 4-D mask "
-            f"({', '.join(_MASKABLE_ATTENTION)}), got {impl!r}. Call model.set_attn_implementation('sdpa') first, "
-            f"or use score_causal_lm_ref."
-        )
-
-
 def _prepare(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_n: int, noise: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Validates sampler inputs; returns (attention_mask as bool [B, T], noise [B, P, S, max_n], P)."""
-    _check_max_n(max_n)
+    """Validates sampler inputs; returns (attention_mask as bool [B, T], noise [B, U, 2, max_n], U)."""
+    check_max_n(max_n)
     _check_ids("input_ids", input_ids)
     _check_ids("attention_mask", attention_mask, like=input_ids)
     batch, length = input_ids.shape
     num_positions = max(length - max_n, 0)
-    shape = (batch, num_positions, NUM_SAMPLES, max_n)
+    shape = (batch, num_positions, NUM_BRIER_SAMPLES, max_n)
     if noise is None:
         noise = _draw_noise(shape, generator, input_ids.device)
     elif tuple(noise.shape) != shape:
@@ -188,57 +181,54 @@ def sample_continuations(
         return_logits (`bool`, *optional*): also return the logits each draw used.
 
     Returns:
-        `samples` LongTensor [B, P, 2, max_n] with P = max(T - max_n, 0): `samples[b, t, s]` continues tokens
+        `samples` LongTensor [B, U, 2, max_n] with U = max(T - max_n, 0): `samples[b, t, s]` continues tokens
         0..t of block b; positions whose own token is padding hold -1. With `return_logits`, also float32
-        logits [B, P, 2, max_n, V] (memory-hungry; meant for tests).
+        logits [B, U, 2, max_n, V] (memory-hungry; meant for tests).
     """
     real, noise, num_positions = _prepare(input_ids, attention_mask, max_n, noise, generator)
-    _check_attention(model)
+    check_maskable_attention(getattr(model, "config", None), "The fast Brier sampler", "score_causal_lm_ref")
     batch, length = input_ids.shape
     device = input_ids.device
-    samples = torch.full((batch, num_positions, NUM_SAMPLES, max_n), PAD_SAMPLE, dtype=torch.long, device=device)
+    samples = torch.full((batch, num_positions, NUM_BRIER_SAMPLES, max_n), PAD_SAMPLE, dtype=torch.long, device=device)
     if num_positions == 0:
         return (samples, torch.empty(*samples.shape, 0, device=device)) if return_logits else samples
 
     positions = _position_ids(real)  # [B, T]
     out = model(input_ids=input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True)
-    logits = out.logits[:, :num_positions]  # [B, P, V]: next-token logits of every scored position
-    # One CDF per position serves both samples: uniforms [B, P, 2] -> tokens [B, P, 2].
+    logits = out.logits[:, :num_positions]  # [B, U, V]: next-token logits of every scored position
+    # One CDF per position serves both samples: uniforms [B, U, 2] -> tokens [B, U, 2].
     samples[..., 0] = _sample_from_logits(logits, noise[..., 0])
-    kept = [logits[:, :, None].expand(-1, -1, NUM_SAMPLES, -1).float()] if return_logits else []
+    kept = [logits[:, :, None].expand(-1, -1, NUM_BRIER_SAMPLES, -1).float()] if return_logits else []
     cache = output_cache(out)
     if max_n > 1 and cache is None:
         raise ValueError("The model returned no KV cache; the fast Brier sampler needs use_cache=True.")
 
-    rows = NUM_SAMPLES * num_positions  # continuation rows per block, row r = 2 t + s
+    rows = NUM_BRIER_SAMPLES * num_positions  # continuation rows per block, row r = 2 t + s
     dtype = _model_dtype(model, out.logits.dtype)
-    # Prefix visibility [B, 2P, T]: row (t, s) sees real prefix tokens k <= t (causal attention within the block).
+    # Prefix visibility [B, 2U, T]: row (t, s) sees real prefix tokens k <= t (causal attention within the block).
     causal = torch.arange(length, device=device)[None, :] <= torch.arange(num_positions, device=device)[:, None]
-    prefix = causal.repeat_interleave(NUM_SAMPLES, dim=0)[None] & real[:, None, :]
-    # Each appended block of 2P tokens is visible only to its own row: an identity per block [2P, 2P].
-    own = torch.eye(rows, dtype=torch.bool, device=device)[None].expand(batch, -1, -1)
-    row_positions = positions[:, :num_positions, None].expand(-1, -1, NUM_SAMPLES).reshape(batch, rows)  # [B, 2P]
+    prefix = causal.repeat_interleave(NUM_BRIER_SAMPLES, dim=0)[None] & real[:, None, :]
+    row_positions = positions[:, :num_positions, None].expand(-1, -1, NUM_BRIER_SAMPLES).reshape(batch, rows)  # [B, 2U]
 
     for step in range(1, max_n):
         # Keys so far: T prefix tokens, then `step` appended blocks (the last one is this step's input).
-        visible = torch.cat([prefix] + [own] * step, dim=-1)  # [B, 2P, T + 2P * step]
-        additive = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+        additive = continuation_attention_mask(prefix, step, dtype)  # [B, 2U, T + 2U * step]
         out = model(
-            input_ids=samples[..., step - 1].reshape(batch, rows),  # token step-1 of every continuation [B, 2P]
-            attention_mask=additive[:, None],  # [B, 1, 2P, T + 2P * step]
+            input_ids=samples[..., step - 1].reshape(batch, rows),  # token step-1 of every continuation [B, 2U]
+            attention_mask=additive[:, None],  # [B, 1, 2U, T + 2U * step]
             position_ids=row_positions + step,  # continuation token j sits at pos(t) + 1 + j
             use_cache=True,
             **cache_kwargs(model, cache),
         )
         cache = output_cache(out)
-        step_logits = out.logits.reshape(batch, num_positions, NUM_SAMPLES, -1)  # [B, P, 2, V]
+        step_logits = out.logits.reshape(batch, num_positions, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, V]
         samples[..., step] = _sample_from_logits(step_logits, noise[..., step, None])[..., 0]
         if return_logits:
             kept.append(step_logits.float())
 
     samples.masked_fill_(~real[:, :num_positions, None, None], PAD_SAMPLE)
     if return_logits:
-        return samples, torch.stack(kept, dim=3)  # [B, P, 2, max_n, V]
+        return samples, torch.stack(kept, dim=3)  # [B, U, 2, max_n, V]
     return samples
 
 
@@ -256,18 +246,18 @@ def sample_continuations_ref(
 
     For every block, position and sample it strips padding, then grows the continuation one token at a time
     with a plain cache-free forward over prefix + continuation, using the same uniforms as the fast path.
-    Cost: B * P * 2 * max_n forwards. Logits at padded positions are returned as zeros.
+    Cost: B * U * 2 * max_n forwards. Logits at padded positions are returned as zeros.
     """
     real, noise, num_positions = _prepare(input_ids, attention_mask, max_n, noise, generator)
     batch = input_ids.shape[0]
-    samples = torch.full((batch, num_positions, NUM_SAMPLES, max_n), PAD_SAMPLE, dtype=torch.long)
+    samples = torch.full((batch, num_positions, NUM_BRIER_SAMPLES, max_n), PAD_SAMPLE, dtype=torch.long)
     kept: torch.Tensor | None = None
     for b in range(batch):
         for t in range(num_positions):
             if not real[b, t]:
                 continue
             context = input_ids[b, : t + 1][real[b, : t + 1]]  # real tokens 0..t
-            for s in range(NUM_SAMPLES):
+            for s in range(NUM_BRIER_SAMPLES):
                 sequence = context
                 for j in range(max_n):
                     ids = sequence[None]
@@ -300,11 +290,11 @@ def true_continuations(
     """True next max_n tokens of every position and the end-of-block / label rule (module docstring).
 
     Returns:
-        `targets` LongTensor [B, P, max_n] (`targets[b, t] = labels[b, t+1 : t+1+max_n]`, labels default to
-        input_ids, HF convention: labels are aligned with input_ids and shifted here) and `valid` bool [B, P]:
+        `targets` LongTensor [B, U, max_n] (`targets[b, t] = labels[b, t+1 : t+1+max_n]`, labels default to
+        input_ids, HF convention: labels are aligned with input_ids and shifted here) and `valid` bool [B, U]:
         True iff all max_n targets are real (label != -100, attention_mask 1) and token t is real.
     """
-    _check_max_n(max_n)
+    check_max_n(max_n)
     _check_ids("input_ids", input_ids)
     _check_ids("labels", labels, like=input_ids)
     _check_ids("attention_mask", attention_mask, like=input_ids)
@@ -315,7 +305,7 @@ def true_continuations(
     y = y.masked_fill(~real, IGNORE_INDEX)
     if num_positions == 0:
         return y.new_zeros(batch, 0, max_n), real.new_zeros(batch, 0)
-    targets = y[:, 1:].unfold(1, max_n, 1)  # [B, T - max_n, max_n], row t = y[t+1 .. t+max_n]
+    targets = gather_targets(y, torch.arange(num_positions, device=y.device) + 1, max_n)  # row t = y[t+1 .. t+max_n]
     valid = (targets != IGNORE_INDEX).all(dim=-1) & real[:, :num_positions]
     return targets, valid
 
@@ -470,7 +460,7 @@ def score_blocks(
     Returns:
         `BrierAccumulator`; `.compute()` gives Brier-1..max_n, BrierLM and the number of positions.
     """
-    _check_max_n(max_n)
+    check_max_n(max_n)
     _, total = _iter_batches(blocks, batch_size)
     with tqdm(total=total, disable=not progress, desc="BrierLM") as bar:
         return _accumulate(model, blocks, batch_size, max_n, generator, bar)
@@ -510,7 +500,7 @@ def evaluate_brier(
         - "pooled": Brier-n means over all seeds' samples together and the BrierLM of those (less noisy);
         - "num_positions": positions scored per pass; "seeds"; "max_n".
     """
-    _check_max_n(max_n)
+    check_max_n(max_n)
     seeds = list(seeds)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty sequence of integers, got {seeds!r}.")

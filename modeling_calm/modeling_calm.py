@@ -1,14 +1,19 @@
-"""CALM: a Transformer that predicts the next continuous vector instead of the next token (CALM.md section 2).
+"""CALM: a Transformer that predicts the next continuous vector instead of the next token (arXiv 2510.27688).
 
-Shape legend used throughout the package:
-    B batch, T tokens, K tokens per chunk (`patch_size`), L = T / K chunks (autoregressive steps),
-    V vocabulary, D backbone hidden size, Z latent size, E noise size, S head samples per position
-    (`num_samples`), M target samples per position (`num_target_samples`), N valid positions (flattened).
+Shape legend of the package (other modules add only letters that are not used here):
+    B batch, T tokens, K tokens per chunk (`patch_size`), L = T / K chunks (autoregressive steps), V vocabulary,
+    D backbone hidden size, H autoencoder hidden size, Z latent size, E head noise size (`noise_size` of the
+    energy head; Z for the flow head, whose noise is its start point x0), S head samples per position
+    (`num_samples`), M target samples per position (`num_target_samples`), P target positions flattened over
+    (batch, step) and Q the valid ones among them, N candidates per row (temperature sampling), C prompt chunks
+    after layout and G decoding steps (generation), R head steps per sample and U scored positions (BrierLM).
 
-One step: the K tokens of chunk i-1 are embedded by the backbone's token embedding, concatenated and compressed
-to one D-vector (`chunk_proj`); the backbone (any transformers decoder, Llama by default) runs over the L
-compressed positions; the generative head samples the latent of chunk i from h_{i-1}; the frozen autoencoder
-decodes it into K tokens. Training targets are the autoencoder posteriors of chunks 1..L-1.
+One step (the paper's "Next-Vector Prediction" and "Likelihood-Free Language Modeling" sections): the K tokens of
+chunk i-1 are embedded by the backbone's token embedding, concatenated and compressed to one D-vector
+(`chunk_proj`); the backbone (any transformers decoder, Llama by default) runs over the L compressed positions;
+the generative head samples the latent of chunk i from h_{i-1}; the frozen autoencoder decodes it into K tokens.
+Training targets are the autoencoder posteriors of chunks 1..L-1 (`next_chunk_targets`). Prompts of any length
+are laid out as whole chunks by `layout_prompts`.
 """
 
 from __future__ import annotations
@@ -19,19 +24,115 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
-from .brier_calm import BRIER_LM_MAX_N, brier_indicators
-from .brier_scoring_calm import score_calm_brier
 from .configuration_calm import CalmConfig
-from .generation_calm import CalmGenerationMixin
-from .modeling_calm_autoencoder import CalmAutoencoder, _init_calm_module
+from .modeling_calm_autoencoder import CalmAutoencoder, check_token_ids
+from .modeling_calm_brier import BRIER_LM_MAX_N, IGNORE_INDEX, brier_indicators, score_calm_brier
 from .modeling_calm_compat import OUTPUT_CACHE_FIELD, backbone_cache_kwarg, output_cache, with_cache_field
-from .modeling_calm_heads import CALM_HEADS
+from .modeling_calm_generation import CalmGenerationMixin
+from .modeling_calm_heads import CALM_HEADS, CalmZeroInitLinear
 
 
 logger = logging.get_logger(__name__)
 
+__all__ = [
+    "CalmCausalLMOutput",
+    "CalmChunkProjection",
+    "CalmForCausalLM",
+    "CalmPreTrainedModel",
+    "layout_prompts",
+    "next_chunk_targets",
+]
+
+
+# Said when token ids do not fill whole chunks.
+_OTHER_LENGTHS = " (generate() handles other lengths)"
+
+
+def next_chunk_targets(
+    labels: torch.LongTensor, patch_size: int, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """The next-chunk target rule, shared by the forward and the trainer's weighting: h_i predicts chunk i+1.
+
+    Args:
+        labels: `[B, T]`, T a multiple of K.
+        patch_size: K.
+        attention_mask: `[B, T]` token mask or `[B, L]` chunk mask, optional.
+    Returns:
+        `(target_chunks [B, L-1, K], valid [B, L-1] bool)`: target chunk i+1 of every h_i (labels as given, -100
+        included), valid where none of its labels is -100 and neither it nor the conditioning chunk i is padding.
+    """
+    label_chunks = labels.reshape(labels.shape[0], -1, patch_size)[:, 1:]  # [B, L-1, K] targets of h_0..h_{L-2}
+    valid = (label_chunks != IGNORE_INDEX).all(-1)  # [B, L-1]
+    if attention_mask is not None:
+        chunk_mask = attention_mask
+        if chunk_mask.shape[-1] != label_chunks.shape[1] + 1:  # a token mask: a chunk is padding if all of it is
+            chunk_mask = chunk_mask.reshape(chunk_mask.shape[0], -1, patch_size).amax(-1)
+        # Neither the conditioning chunk nor the target chunk may be padding.
+        valid &= chunk_mask[:, :-1].bool() & chunk_mask[:, 1:].bool()
+    return label_chunks, valid
+
+
+def layout_prompts(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    patch_size: int,
+    bos_token_id: int | None,
+    filler_id: int,
+) -> tuple[torch.LongTensor, torch.BoolTensor, torch.LongTensor, torch.LongTensor]:
+    """Right-aligned whole-chunk layout of a batch of prompts, the first step of `generate`.
+
+    The model reads whole chunks, so every row is aligned on the RIGHT: its last full chunk ends where its
+    prompt ends and the first generated chunk follows directly. The r = len % K leading tokens of a row form
+    a partial first chunk, which is completed on the LEFT with the BOS token when the config has one
+    (training data puts BOS at document starts, so BOS is the least surprising filler); without BOS those r
+    tokens are dropped with a logged warning. Rows shorter than the longest one start with whole pad chunks,
+    masked out with the chunk attention mask; positions count from each row's first real chunk, so a row's
+    result does not depend on how much padding it got. The attention mask only selects the content tokens
+    (in order): left padding is the usual case, but padding anywhere is read the same way.
+
+    Args:
+        input_ids: `[B, T]` prompts; attention_mask: `[B, T]`, nonzero on content tokens.
+        patch_size: K. bos_token_id: left filler of a partial first chunk (None: drop those tokens).
+        filler_id: id written into whole pad chunks (never seen: they are masked).
+    Returns:
+        `(chunk_ids [B, C*K], chunk_mask [B, C] bool, num_chunks [B], dropped [B])`: the laid-out prompts, which
+        chunks are real, each row's number of real chunks and of dropped leading tokens.
+    """
+    k = patch_size
+    batch, width = input_ids.shape
+    device = input_ids.device
+    content = attention_mask.bool()
+    lengths = content.sum(1)  # [B]
+    if bool((lengths == 0).any()):
+        raise ValueError("Every prompt needs at least one token: a row of `attention_mask` (or `input_ids`) is empty.")
+    if bos_token_id is not None:
+        fill, dropped = (-lengths) % k, torch.zeros_like(lengths)  # BOS tokens in front, tokens dropped
+    else:
+        fill, dropped = torch.zeros_like(lengths), lengths % k
+        if bool((lengths - dropped == 0).any()):
+            raise ValueError(
+                f"A prompt is shorter than patch_size K={k} and the config has no `bos_token_id` to complete its "
+                "first chunk: give at least K tokens or set `bos_token_id`."
+            )
+    laid_lengths = lengths + fill - dropped  # [B], multiples of K
+    num_chunks = laid_lengths // k
+    total = int(num_chunks.max()) * k
+    # Content tokens of each row, packed to the left in their order: stream[b, rank] = token.
+    rank = content.long().cumsum(1) - 1  # [B, T]
+    stream = torch.full((batch, width + 1), filler_id, dtype=input_ids.dtype, device=device)
+    stream.scatter_(1, torch.where(content, rank, width), input_ids)  # non-content tokens land in the spare column
+    # Output column j of row b holds stream token q - fill + dropped, where q = j - (total - laid_length).
+    q = torch.arange(total, device=device)[None] - (total - laid_lengths)[:, None]  # [B, C*K]
+    source = (q - fill[:, None] + dropped[:, None]).clamp(0, width - 1)
+    chunk_ids = stream.gather(1, source)
+    if bos_token_id is not None:
+        chunk_ids = torch.where((q >= 0) & (q < fill[:, None]), bos_token_id, chunk_ids)
+    chunk_ids = torch.where(q >= 0, chunk_ids, filler_id)
+    chunk_mask = (q >= 0).view(batch, -1, k)[:, :, 0]  # [B, C]
+    return chunk_ids, chunk_mask, num_chunks, dropped
 
 
 @dataclass
@@ -86,7 +187,7 @@ class CalmPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["CalmAutoencoderBlock", "CalmEnergyBlock", "CalmFlowBlock"]
     # The forward computes its own per-batch mean loss: the Trainer must scale it for gradient accumulation
-    # (a `**kwargs` forward would otherwise make it pass `num_items_in_batch` and skip that; HF_NOTES.md s.4).
+    # (a `**kwargs` forward would otherwise make it pass `num_items_in_batch` and skip that).
     accepts_loss_kwargs = False
 
     @property
@@ -96,13 +197,50 @@ class CalmPreTrainedModel(PreTrainedModel):
         return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, CalmAutoencoder):
-            return  # the autoencoder's own post_init initialised it (and it is loaded from a checkpoint anyway)
-        _init_calm_module(module, self.config.initializer_range)
+        """transformers' default initialisation, plus zeros for the heads' `CalmZeroInitLinear` layers:
+
+        | module                                  | weight                  | bias |
+        |-----------------------------------------|-------------------------|------|
+        | Linear, Embedding                       | N(0, initializer_range) | 0    |
+        | LayerNorm, RMSNorm                      | 1                       | 0    |
+        | CalmZeroInitLinear (head output, adaLN) | 0                       | 0    |
+
+        The backbone and the autoencoder are transformers sub-models: each is initialised by its own
+        `_init_weights` (the autoencoder is then overwritten by its checkpoint anyway).
+        """
+        if isinstance(module, CalmZeroInitLinear):
+            # Zeroed instead of drawn (not drawn, then zeroed): the layers after it get the same random weights
+            # from a seed as they always did.
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
+        super()._init_weights(module)
 
 
 class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin):
-    """CALM language model: frozen autoencoder + input compression + transformers decoder + generative head."""
+    """CALM language model: frozen autoencoder + input compression + transformers decoder + generative head.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_calm import CalmConfig, CalmForCausalLM
+
+    >>> config = CalmConfig(
+    ...     autoencoder_config=dict(vocab_size=99, hidden_size=32, intermediate_size=48, latent_size=8, patch_size=4),
+    ...     backbone_config=dict(model_type="llama", vocab_size=99, hidden_size=32, intermediate_size=64,
+    ...                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    ...     noise_size=8, num_samples=4,
+    ... )
+    >>> model = CalmForCausalLM(config)
+    >>> ids = torch.randint(3, 99, (2, 16))  # 16 tokens = 4 chunks of K=4
+    >>> out = model(ids, labels=ids)  # energy loss over the 3 next-chunk targets of each row
+    >>> out.last_hidden_state.shape
+    torch.Size([2, 4, 32])
+    >>> model.generate(ids[:1, :6], max_new_tokens=8, seed=0).shape  # any prompt length; K tokens per step
+    torch.Size([1, 14])
+    ```
+    """
 
     def __init__(self, config: CalmConfig):
         super().__init__(config)
@@ -225,18 +363,9 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
     def patch_size(self) -> int:
         return self.config.patch_size
 
-    def _check_token_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"`{name}` must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] == 0 or input_ids.shape[1] % self.config.patch_size:
-            raise ValueError(
-                f"`{name}` has {input_ids.shape[1]} tokens per row; the model reads whole chunks, so it needs a "
-                f"positive multiple of patch_size K={self.config.patch_size} (generate() handles other lengths)."
-            )
-
     def embed_chunks(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Input compression: `[B, L*K]` token ids -> `[B, L, D]` chunk embeddings."""
-        self._check_token_ids(input_ids)
+        check_token_ids(input_ids, self.config.patch_size, hint=_OTHER_LENGTHS)
         batch, tokens = input_ids.shape
         embeddings = self.get_input_embeddings()(input_ids)  # [B, L*K, D]
         return self.chunk_proj(embeddings.reshape(batch, tokens // self.config.patch_size, -1))
@@ -285,9 +414,9 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
                 with any -100 label is left out.
             inputs_embeds: `[B, L, D]` already compressed chunk embeddings (instead of `input_ids`).
             return_brier: report Brier-1..min(K, 4) from two head samples (default: in eval mode with labels).
-            noise: explicit head noise (energy head: uniform `[S, N, E]` in [-0.5, 0.5); flow head: x0 `[N, Z]`),
-                N the valid target positions in (batch, step) order. For reproducibility and parity tests.
-            target_noise: explicit eps of the target samples (energy head `[M, N, Z]`; flow head `[N, Z]`).
+            noise: explicit head noise (energy head: uniform `[S, Q, E]` in [-0.5, 0.5); flow head: x0 `[Q, Z]`),
+                Q the valid target positions in (batch, step) order. For reproducibility and parity tests.
+            target_noise: explicit eps of the target samples (energy head `[M, Q, Z]`; flow head `[Q, Z]`).
             generator: torch.Generator for every random draw of the call.
             cache: the same as `past_key_values` (the name transformers uses from 5.24); pass one of the two.
         """
@@ -346,7 +475,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         )
 
     # ----------------------------------------------------------------------------------------------------------
-    # BrierLM (the `score_brier` protocol of evaluation_calm; logic in brier_scoring_calm.py)
+    # BrierLM (the `score_brier` protocol of evaluation_calm; logic in modeling_calm_brier.py)
     # ----------------------------------------------------------------------------------------------------------
     def score_brier(
         self,
@@ -355,12 +484,13 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         max_n: int = BRIER_LM_MAX_N,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (CALM.md s.3).
+        """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (arXiv 2510.27688,
+        section "Likelihood-Free LM Evaluation").
 
         Entry i conditions on chunks 0..i and is compared with the next max_n tokens; while K < max_n each sample
         is continued on its own decoded chunks (batched over all boundaries with the KV cache). A CALM is scored
         at every K-th token, a token-level LM at every token: compare BrierLM values, and report the number of
-        positions. Details in `brier_scoring_calm`.
+        positions. Details in `modeling_calm_brier` and docs/brierlm.md.
 
         Args:
             input_ids: `[B, T]` right-padded blocks, T a multiple of K.
@@ -386,8 +516,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
 
     @staticmethod
     def _scatter_explicit_noise(noise: torch.Tensor | None, valid: torch.Tensor, name: str) -> torch.Tensor | None:
-        """Explicit noise is given for the N valid positions only (dim 1 of `[S|M, N, E|Z]`, dim 0 of the flow
-        head's `[N, Z]`): spread it over all P positions, zeros at the ignored ones."""
+        """Explicit noise is given for the Q valid positions only (dim 1 of `[S|M, Q, E|Z]`, dim 0 of the flow
+        head's `[Q, Z]`): spread it over all P positions, zeros at the ignored ones."""
         if noise is None:
             return None
         dim = 1 if noise.dim() == 3 else 0
@@ -410,16 +540,12 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
 
     def _next_chunk_loss(self, hidden, labels, chunk_mask, return_brier, noise, target_noise, generator):
         k = self.config.patch_size
-        self._check_token_ids(labels, "labels")
+        check_token_ids(labels, k, "labels", hint=_OTHER_LENGTHS)
         if labels.shape[0] != hidden.shape[0] or labels.shape[1] != hidden.shape[1] * k:
             raise ValueError(
                 f"`labels` shape {tuple(labels.shape)} must match the input: [{hidden.shape[0]}, {hidden.shape[1] * k}]."
             )
-        label_chunks = labels.reshape(labels.shape[0], -1, k)[:, 1:]  # [B, L-1, K] targets of h_0..h_{L-2}
-        valid = (label_chunks != -100).all(-1)  # [B, L-1]
-        if chunk_mask is not None:
-            # Neither the conditioning chunk nor the target chunk may be padding.
-            valid &= chunk_mask[:, :-1].bool() & chunk_mask[:, 1:].bool()
+        label_chunks, valid = next_chunk_targets(labels, k, chunk_mask)  # [B, L-1, K], [B, L-1]
         # Every position runs through the head and the loss is averaged over the valid ones with weights: no
         # data-dependent shapes and no host sync, so a compiled training step is one graph (CUDA graphs possible)
         # and the CPU can queue kernels ahead of the GPU. Packed pre-training has (almost) every position valid.
@@ -456,7 +582,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
                 samples = head_loss.samples
                 if samples is None:
                     samples = self.head.sample(hidden_all.unsqueeze(0).expand(2, -1, -1), generator=generator)
-                predictions = self.autoencoder.decode(samples[:2].unsqueeze(-2)).argmax(-1)  # [2, P, K]
+                predictions = self.autoencoder.decode_tokens(samples[:2].unsqueeze(-2))  # [2, P, K]
                 brier = valid_mean(
                     brier_indicators(predictions[0], predictions[1], targets, max_n=min(k, BRIER_LM_MAX_N))
                 )

@@ -1,7 +1,6 @@
-"""The CALM autoencoder: K tokens <-> one continuous vector, context-free (CALM.md section 1).
+"""The CALM autoencoder: K tokens <-> one continuous vector, context-free (arXiv 2510.27688, section "Autoencoder").
 
-Shapes: B batch, T tokens, K tokens per chunk (`patch_size`), L = T / K chunks, V vocabulary, H hidden size,
-Z latent size.
+Shapes follow the legend of `modeling_calm` (H is this model's hidden size).
 
 Encoder (per chunk, no attention between chunks):
     ids [B, T] -> embed [B*L, K, H] -> n/2 residual SwiGLU blocks per token -> flatten [B*L, 1, K*H]
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
@@ -31,8 +29,32 @@ from .configuration_calm import CalmAutoencoderConfig
 
 logger = logging.get_logger(__name__)
 
+__all__ = [
+    "CalmAutoencoder",
+    "CalmAutoencoderOutput",
+    "CalmAutoencoderPreTrainedModel",
+    "CalmRMSNorm",
+    "MAX_LOGITS_PER_BLOCK",
+    "check_token_ids",
+]
+
 # Token id written over dropped input tokens (the authors use 0; any fixed id works, the decoder never sees it).
 DROPPED_TOKEN_ID = 0
+# Largest block of logits (rows * V) that `decode_tokens` computes at once, each block reduced by argmax at once:
+# decoding many latents (generate's candidates, BrierLM's samples) through a 128k vocabulary would otherwise hold
+# gigabytes of logits (2^27 bf16 logits = 256 MiB).
+MAX_LOGITS_PER_BLOCK = 2**27
+
+
+def check_token_ids(input_ids: torch.Tensor, patch_size: int, name: str = "input_ids", hint: str = "") -> None:
+    """Token ids `[B, T]` with T a positive multiple of K, for both models (they read whole chunks)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"`{name}` must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
+    if input_ids.shape[1] == 0 or input_ids.shape[1] % patch_size:
+        raise ValueError(
+            f"`{name}` has {input_ids.shape[1]} tokens per row; the model reads whole chunks, so it needs a "
+            f"positive multiple of patch_size K={patch_size}{hint}."
+        )
 
 
 @dataclass
@@ -144,42 +166,14 @@ class CalmAutoencoderDecoder(nn.Module):
         return self.norm(x)
 
 
-def _init_calm_module(module: nn.Module, std: float) -> None:
-    """Initialisation shared by the autoencoder and the language model's own layers.
-
-    | module            | weight                | bias |
-    |-------------------|-----------------------|------|
-    | Linear, Embedding | N(0, initializer_range) | 0  |
-    | LayerNorm         | 1                     | 0    |
-    | RMSNorm           | 1                     | -    |
-    A Linear marked `_calm_zero_init` (the generative heads' output layers) starts at 0: the head then
-    begins by predicting the mean latent, and its first updates do not fight a random projection.
-    """
-    if isinstance(module, nn.Linear):
-        if getattr(module, "_calm_zero_init", False):
-            init.zeros_(module.weight)
-        else:
-            init.normal_(module.weight, mean=0.0, std=std)
-        if module.bias is not None:
-            init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        init.normal_(module.weight, mean=0.0, std=std)
-    elif isinstance(module, nn.LayerNorm):
-        if module.weight is not None:
-            init.ones_(module.weight)
-        if module.bias is not None:
-            init.zeros_(module.bias)
-    elif isinstance(module, CalmRMSNorm):
-        init.ones_(module.weight)
-
-
 class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     config_class = CalmAutoencoderConfig
     base_model_prefix = "autoencoder"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _no_split_modules = ["CalmAutoencoderBlock"]
-    # Per-batch mean loss: the Trainer must scale it for gradient accumulation (HF_NOTES.md section 4).
+    # Per-batch mean loss: the Trainer must scale it for gradient accumulation (a `**kwargs` forward would make it
+    # pass `num_items_in_batch` instead).
     accepts_loss_kwargs = False
     # No attention inside: every attention implementation a parent model asks for is fine.
     _supports_sdpa = True
@@ -188,7 +182,15 @@ class CalmAutoencoderPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        _init_calm_module(module, self.config.initializer_range)
+        """transformers' default initialisation, which is CALM's for every layer of the autoencoder:
+
+        | module            | weight                  | bias |
+        |-------------------|-------------------------|------|
+        | Linear, Embedding | N(0, initializer_range) | 0    |
+        | LayerNorm         | 1                       | 0    |
+        | RMSNorm           | 1                       | -    |
+        """
+        super()._init_weights(module)
 
 
 class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
@@ -216,15 +218,6 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def _check_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"`{name}` must have shape [batch, tokens], got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] == 0 or input_ids.shape[1] % self.config.patch_size:
-            raise ValueError(
-                f"`{name}` has {input_ids.shape[1]} tokens per row; the autoencoder needs a positive multiple of "
-                f"patch_size K={self.config.patch_size}."
-            )
-
     def encode(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior of every chunk.
 
@@ -233,7 +226,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         Returns:
             `(latent_mean, latent_log_std)`, each `[B, T / K, Z]`. The mean is the deterministic chunk code.
         """
-        self._check_ids(input_ids)
+        check_token_ids(input_ids, self.config.patch_size)
         batch = input_ids.shape[0]
         mean, log_std = self.encoder(input_ids.reshape(-1, self.config.patch_size))
         return mean.view(batch, -1, mean.shape[-1]), log_std.view(batch, -1, log_std.shape[-1])
@@ -256,9 +249,25 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         return logits.view(*lead, -1, logits.shape[-1])
 
     @torch.no_grad()
-    def decode_tokens(self, latents: torch.Tensor) -> torch.LongTensor:
-        """Argmax tokens of every latent: `[..., L, Z]` -> `[..., L * K]`."""
-        return self.decode(latents).argmax(-1)
+    def decode_tokens(
+        self, latents: torch.Tensor, max_logits_per_block: int = MAX_LOGITS_PER_BLOCK
+    ) -> torch.LongTensor:
+        """Argmax tokens of every latent: `[..., L, Z]` -> `[..., L * K]`, the one latent -> token decoder.
+
+        The vocabulary projection runs in row blocks of at most `max_logits_per_block` logits, in the model's dtype,
+        each reduced by argmax at once, so the float logits of all latents never exist together. Same tokens as
+        `decode(latents).argmax(-1)`.
+        """
+        if latents.shape[-1] != self.config.latent_size:
+            raise ValueError(
+                f"`latents` must end in latent_size={self.config.latent_size}, got shape {tuple(latents.shape)}."
+            )
+        lead = latents.shape[:-2]
+        hidden = self.decoder(latents.reshape(-1, latents.shape[-1]).to(self.lm_head.weight.dtype))  # [N, K, H]
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [N*K, H]
+        rows = max(1, max_logits_per_block // self.config.vocab_size)
+        tokens = torch.cat([self.lm_head(part).argmax(-1) for part in flat.split(rows)])  # [N*K]
+        return tokens.view(*lead, -1)
 
     def forward(
         self,
@@ -282,11 +291,11 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
                 loss and accuracy (the autoencoder itself is context-free).
             sample_latents: draw `z = mean + std * eps` (the paper does, in eval mode too); `False` decodes the
                 posterior mean, the deterministic code.
-            latent_noise_std: extra Gaussian noise of this std added to z (robustness checks, CALM.md section 1).
+            latent_noise_std: extra Gaussian noise of this std added to z (robustness checks of the latent space).
             noise: explicit `eps` for the reparameterisation, any shape with `B * L * Z` elements (reproducibility).
             generator: torch.Generator for eps when `noise` is None.
         """
-        self._check_ids(input_ids)
+        check_token_ids(input_ids, self.config.patch_size)
         if latent_noise_std < 0:
             raise ValueError(f"`latent_noise_std` must be >= 0, got {latent_noise_std}.")
         config = self.config

@@ -1,10 +1,10 @@
-"""Generative heads of CALM and the energy score (CALM.md section 2).
+"""Generative heads of CALM and the energy score (arXiv 2510.27688, section "Likelihood-Free Language Modeling").
 
-A head owns both its training loss (`loss`) and its sampler (`sample`), as in MAR/DiT. Both are conditioned on
-the backbone's hidden state h of the previous step.
+A head owns its training loss (`loss`), its sampler (`sample`) and its noise (`noise_size`, `draw_noise`), as in
+MAR/DiT, so callers (generation, BrierLM) never need to know which head they drive. All are conditioned on the
+backbone's hidden state h of the previous step.
 
-Shapes: N positions (flattened batch x steps), D backbone hidden size, Z latent size, S head samples per position
-(`num_samples`), M target samples per position (`num_target_samples`), E noise size (`noise_size`).
+Shapes follow the legend of `modeling_calm` (P positions, S head samples, M target samples, E noise size).
 """
 
 from __future__ import annotations
@@ -17,6 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_calm import CalmConfig
+
+
+__all__ = [
+    "CALM_HEADS",
+    "CalmEnergyHead",
+    "CalmFlowHead",
+    "CalmHeadLoss",
+    "CalmZeroInitLinear",
+    "energy_score",
+    "energy_score_ref",
+    "zero_init_layers",
+]
 
 
 # Squared distances below this are treated as this value before taking powers: d^beta has an infinite
@@ -42,43 +54,43 @@ def energy_score(
         score     = diversity - 2 * fidelity          (higher is better; the loss is -score)
 
     The score is a strictly proper scoring rule for beta in (0, 2), estimated without bias by these sums.
-    Distances are computed in float32 through Gram matrices ([N, S, M] and [N, S, S]), never materialising
-    [N, S, M, Z] differences.
+    Distances are computed in float32 through Gram matrices ([P, S, M] and [P, S, S]), never materialising
+    [P, S, M, Z] differences.
 
     Args:
-        samples: `[S, N, Z]` head samples (S >= 2).
-        target_mean, target_log_std: `[N, Z]` posterior of the target chunk.
+        samples: `[S, P, Z]` head samples (S >= 2).
+        target_mean, target_log_std: `[P, Z]` posterior of the target chunk.
         beta: exponent of the distances.
         num_target_samples: M, used when `target_noise` is None.
-        target_noise: explicit eps `[M, N, Z]` (reproducibility and parity tests).
+        target_noise: explicit eps `[M, P, Z]` (reproducibility and parity tests).
         generator: torch.Generator for eps.
     Returns:
-        `(score, fidelity, diversity)`, each `[N]`.
+        `(score, fidelity, diversity)`, each `[P]`.
     """
     if samples.dim() != 3 or samples.shape[0] < 2:
-        raise ValueError(f"`samples` must be [S>=2, N, Z], got {tuple(samples.shape)}.")
+        raise ValueError(f"`samples` must be [S>=2, P, Z], got {tuple(samples.shape)}.")
     if target_mean.shape != samples.shape[1:] or target_log_std.shape != samples.shape[1:]:
         raise ValueError(
             f"target mean/log_std shapes {tuple(target_mean.shape)}/{tuple(target_log_std.shape)} must equal "
-            f"the samples' [N, Z] = {tuple(samples.shape[1:])}."
+            f"the samples' [P, Z] = {tuple(samples.shape[1:])}."
         )
-    x = samples.float().transpose(0, 1)  # [N, S, Z]
+    x = samples.float().transpose(0, 1)  # [P, S, Z]
     mean, std = target_mean.float(), torch.exp(target_log_std.float())
     if target_noise is None:
         target_noise = torch.randn(
             (num_target_samples, *mean.shape), device=mean.device, dtype=torch.float32, generator=generator
         )
-    y = (mean + target_noise.float() * std).transpose(0, 1)  # [N, M, Z]
+    y = (mean + target_noise.float() * std).transpose(0, 1)  # [P, M, Z]
     half_beta = beta / 2.0
 
     def pairwise_power(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        # ||a_i - b_j||^beta for all pairs: [N, I, Z] x [N, J, Z] -> [N, I, J]
+        # ||a_i - b_j||^beta for all pairs: [P, I, Z] x [P, J, Z] -> [P, I, J]
         squared = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1).unsqueeze(-2) - 2 * a @ b.transpose(-1, -2)
         return squared.clamp_min(_MIN_SQUARED_DISTANCE).pow(half_beta)
 
     num_samples = x.shape[1]
-    fidelity = pairwise_power(x, y).mean(dim=(-1, -2))  # [N]
-    between = pairwise_power(x, x)  # [N, S, S]
+    fidelity = pairwise_power(x, y).mean(dim=(-1, -2))  # [P]
+    between = pairwise_power(x, x)  # [P, S, S]
     # Zero the diagonal by a product rather than a boolean index: no data-dependent shape, so torch.compile keeps
     # the whole loss in one graph. (The clamp above keeps the diagonal's gradient finite before the zeroing.)
     off_diagonal = 1.0 - torch.eye(num_samples, dtype=between.dtype, device=x.device)
@@ -89,7 +101,7 @@ def energy_score(
 def energy_score_ref(samples, target_mean, target_log_std, beta=1.0, target_noise=None):
     """Slow, obviously correct double loop over sample pairs (tests compare `energy_score` with it)."""
     num_samples, positions, _ = samples.shape
-    y = target_mean + target_noise * torch.exp(target_log_std)  # [M, N, Z]
+    y = target_mean + target_noise * torch.exp(target_log_std)  # [M, P, Z]
     scores = torch.empty(positions, dtype=torch.float64)
     for n in range(positions):
         fid = sum(
@@ -109,7 +121,7 @@ def energy_score_ref(samples, target_mean, target_log_std, beta=1.0, target_nois
 
 @dataclass
 class CalmHeadLoss:
-    """Per-position head loss `[N]` and, for the energy head, its two terms (for logging)."""
+    """Per-position head loss `[P]` and, for the energy head, its two terms (for logging)."""
 
     loss: torch.Tensor
     fidelity: torch.Tensor | None = None
@@ -129,12 +141,18 @@ class CalmEnergyBlock(nn.Module):
         self.down_proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        # The condition may be one per position ([N, D] for x [S, N, D]): broadcast it over the samples. (fc1 is
+        # The condition may be one per position ([P, D] for x [S, P, D]): broadcast it over the samples. (fc1 is
         # called as a module, never through its weight, so LoRA adapters and ZeRO-3 parameter gathering see it.)
         h = torch.cat([self.norm(x), condition.expand_as(x)], dim=-1)
         h = self.fc3(F.silu(self.fc2(F.silu(self.fc1(h)))))
         gate, value = h.chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * value)
+
+
+class CalmZeroInitLinear(nn.Linear):
+    """A Linear that starts at zero (`CalmPreTrainedModel._init_weights`): a head's output projection, so that the
+    head begins by predicting the mean latent and its first updates do not fight a random projection, and the flow
+    head's adaLN modulations, so that every block starts as the identity. Otherwise a plain `nn.Linear`."""
 
 
 class CalmHeadOutputLayer(nn.Module):
@@ -144,8 +162,7 @@ class CalmHeadOutputLayer(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, eps=eps)
         self.fc1 = nn.Linear(hidden, hidden)
-        self.fc2 = nn.Linear(hidden, latent)
-        self.fc2._calm_zero_init = True
+        self.fc2 = CalmZeroInitLinear(hidden, latent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(self.norm(x))))
@@ -173,8 +190,8 @@ class CalmEnergyHead(nn.Module):
         self.blocks = nn.ModuleList(CalmEnergyBlock(hidden, eps) for _ in range(config.num_mlp_layers))
         self.output = CalmHeadOutputLayer(hidden, config.latent_size, eps)
 
-    def draw_noise(self, shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform noise in [-0.5, 0.5), float32, of shape `[*shape, E]`."""
+    def draw_noise(self, shape, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The head's noise u ~ U[-0.5, 0.5)^E, float32, of shape `[*shape, E]`."""
         return torch.rand((*shape, self.noise_size), device=device, generator=generator) - 0.5
 
     def sample(
@@ -191,7 +208,7 @@ class CalmEnergyHead(nn.Module):
             generator: torch.Generator for the noise.
         """
         if noise is None:
-            noise = self.draw_noise(hidden_states.shape[:-1], hidden_states.device, generator)
+            noise = self.draw_noise(hidden_states.shape[:-1], device=hidden_states.device, generator=generator)
         elif noise.shape != (*hidden_states.shape[:-1], self.noise_size):
             raise ValueError(
                 f"`noise` must have shape {(*hidden_states.shape[:-1], self.noise_size)}, got {tuple(noise.shape)}."
@@ -200,7 +217,7 @@ class CalmEnergyHead(nn.Module):
 
     def _transform(self, noise: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Noise `[..., E]` -> latent `[..., Z]`, conditioned on hidden states that broadcast to the noise's leading
-        shape (e.g. `[N, D]` for `[S, N, E]`): the conditioning path then runs once per position, not per sample."""
+        shape (e.g. `[P, D]` for `[S, P, E]`): the conditioning path then runs once per position, not per sample."""
         x = self.noise_norm(self.noise_proj(noise.to(hidden_states.dtype)))
         condition = self.hidden_norm(self.hidden_proj(hidden_states))
         for block in self.blocks:
@@ -219,15 +236,15 @@ class CalmEnergyHead(nn.Module):
         """Negative energy score per position.
 
         Args:
-            hidden_states: `[N, D]`; target_mean, target_log_std: `[N, Z]`.
-            noise: `[S, N, E]` head noise; target_noise: `[M, N, Z]` eps of the target samples.
+            hidden_states: `[P, D]`; target_mean, target_log_std: `[P, Z]`.
+            noise: `[S, P, E]` head noise; target_noise: `[M, P, Z]` eps of the target samples.
         """
         num = hidden_states.shape[0]
         if noise is None:
-            noise = self.draw_noise((self.num_samples, num), hidden_states.device, generator)
+            noise = self.draw_noise((self.num_samples, num), device=hidden_states.device, generator=generator)
         elif noise.dim() != 3 or noise.shape[1:] != (num, self.noise_size):
             raise ValueError(f"`noise` must have shape [S, {num}, {self.noise_size}], got {tuple(noise.shape)}.")
-        samples = self._transform(noise, hidden_states)  # [S, N, Z]; h [N, D] broadcasts over the S samples
+        samples = self._transform(noise, hidden_states)  # [S, P, Z]; h [P, D] broadcasts over the S samples
         score, fidelity, diversity = energy_score(
             samples,
             target_mean,
@@ -241,7 +258,7 @@ class CalmEnergyHead(nn.Module):
 
 
 def _timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of flow times t in [0, 1] (scaled by 1000 as in DiT): `[N]` -> `[N, dim]`."""
+    """Sinusoidal embedding of flow times t in [0, 1] (scaled by 1000 as in DiT): `[P]` -> `[P, dim]`."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = 1000.0 * t.float()[..., None] * freqs
@@ -259,8 +276,7 @@ class CalmFlowBlock(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps, elementwise_affine=False)
         self.fc1 = nn.Linear(hidden, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
-        self.modulation = nn.Linear(hidden, 3 * hidden)
-        self.modulation._calm_zero_init = True  # every block starts as the identity
+        self.modulation = CalmZeroInitLinear(hidden, 3 * hidden)  # every block starts as the identity
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.modulation(F.silu(condition)).chunk(3, dim=-1)
@@ -279,6 +295,7 @@ class CalmFlowHead(nn.Module):
         super().__init__()
         hidden, eps = config.hidden_size, config.head_norm_eps
         self.latent_size = config.latent_size
+        self.noise_size = config.latent_size  # the noise is the start point x0 of the flow, a latent
         self.num_steps = config.flow_num_steps
         self.input_proj = nn.Linear(config.latent_size, hidden)
         self.time_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -286,6 +303,10 @@ class CalmFlowHead(nn.Module):
         self.blocks = nn.ModuleList(CalmFlowBlock(hidden, eps) for _ in range(max(config.num_mlp_layers, 1)))
         self.output = CalmHeadOutputLayer(hidden, config.latent_size, eps)
         self.hidden_size = hidden
+
+    def draw_noise(self, shape, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The head's noise x0 ~ N(0, I), float32, of shape `[*shape, Z]`."""
+        return torch.randn((*shape, self.noise_size), device=device, generator=generator)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """v(x_t, t | h): `x [..., Z]`, `t [...]`, `hidden_states [..., D]` -> `[..., Z]`."""
@@ -310,7 +331,7 @@ class CalmFlowHead(nn.Module):
             raise ValueError(f"`num_steps` must be an integer >= 1, got {steps!r}.")
         shape = (*hidden_states.shape[:-1], self.latent_size)
         if noise is None:
-            noise = torch.randn(shape, device=hidden_states.device, generator=generator)
+            noise = self.draw_noise(shape[:-1], device=hidden_states.device, generator=generator)
         elif noise.shape != shape:
             raise ValueError(f"`noise` must have shape {shape}, got {tuple(noise.shape)}.")
         x = noise.float()
@@ -329,14 +350,14 @@ class CalmFlowHead(nn.Module):
         target_noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> CalmHeadLoss:
-        """Flow-matching loss per position `[N]`; `noise` is x0 `[N, Z]`, `target_noise` the eps `[N, Z]`."""
+        """Flow-matching loss per position `[P]`; `noise` is x0 `[P, Z]`, `target_noise` the eps `[P, Z]`."""
         mean, std = target_mean.float(), torch.exp(target_log_std.float())
         device = hidden_states.device
         if target_noise is None:
             target_noise = torch.randn(mean.shape, device=device, generator=generator)
         target = mean + target_noise.reshape(mean.shape).float() * std
         if noise is None:
-            noise = torch.randn(mean.shape, device=device, generator=generator)
+            noise = self.draw_noise(mean.shape[:-1], device=device, generator=generator)
         t = torch.rand(mean.shape[:-1], device=device, generator=generator)
         x_t = (1 - t[..., None]) * noise + t[..., None] * target
         prediction = self.velocity(x_t, t, hidden_states).float()
@@ -345,3 +366,10 @@ class CalmFlowHead(nn.Module):
 
 
 CALM_HEADS = {"energy": CalmEnergyHead, "flow": CalmFlowHead}
+
+
+
+def zero_init_layers(module: nn.Module) -> list[CalmZeroInitLinear]:
+    """The zero-initialised layers inside `module` (tests and benchmarks give them random weights to get a
+    non-degenerate untrained model)."""
+    return [sub for sub in module.modules() if isinstance(sub, CalmZeroInitLinear)]

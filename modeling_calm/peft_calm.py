@@ -64,7 +64,7 @@ CALM_PEFT_EXCLUDE = r"autoencoder(\..*)?"
 # input is the gated hidden of an MLP) are the feed-forward ones, as in PEFT's own Llama defaults.
 _FEEDFORWARD = r"model\.layers\.\d+\.mlp\.down_proj|head\.blocks\.\d+\.down_proj"
 
-# Methods checked on CALM (tests/test_peft.py): get_peft_model, training, save/reload and merge_and_unload.
+# Methods checked on CALM (tests/test_peft_calm.py): get_peft_model, training, save/reload and merge_and_unload.
 CALM_PEFT_METHODS: dict[str, str] = {
     "lora": "LoraConfig",  # DoRA: method="lora", use_dora=True
     "ia3": "IA3Config",

@@ -1,4 +1,4 @@
-"""`transformers.Trainer` subclasses for the two training stages of CALM (CALM.md sections 1-2).
+"""`transformers.Trainer` subclasses for the two training stages of CALM (arXiv 2510.27688).
 
 Not shipped to the Hub: the modeling files never import this module.
 
@@ -13,7 +13,7 @@ the remote code, resuming) is the Trainer's own. Each override says why it exist
 
 - `__init__`: both models return a per-batch *mean* loss, so the Trainer must divide it by the number of
   accumulation steps. It does so only when it does not pass `num_items_in_batch` to the model; a `**kwargs`
-  forward would make it do that (HF_NOTES.md section 4), so `model_accepts_loss_kwargs` is forced to False.
+  forward would make it do that (transformers passes `num_items_in_batch` to a `**kwargs` forward), so `model_accepts_loss_kwargs` is forced to False.
 - `compute_loss`: records the extra terms of every training micro-batch (detached, on device: no host sync).
 - `log`: adds their means over the logging window (every micro-batch since the last log, all processes) to the
   training log, beside the Trainer's own window-mean `loss`.
@@ -47,9 +47,10 @@ from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
 from transformers.utils import logging
 
-from .brier_calm import BRIER_LM_MAX_N, brier_lm
 from .card_calm import CALM_TAGS, fill_repo_id
 from .data_calm import check_block_size, model_context_tokens
+from .modeling_calm import next_chunk_targets
+from .modeling_calm_brier import BRIER_LM_MAX_N, brier_lm
 
 
 logger = logging.get_logger(__name__)
@@ -339,19 +340,8 @@ def _longest_example(dataset) -> int | None:
         return None
 
 
-def _chunk_target_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None, patch_size: int) -> torch.Tensor:
-    """Scored next-chunk targets per example `[B]`, by the rule of `CalmForCausalLM.forward`: target chunk i+1 counts
-    when none of its labels is -100 and neither it nor chunk i is padding."""
-    batch = labels.shape[0]
-    valid = (labels.reshape(batch, -1, patch_size)[:, 1:] != -100).all(-1)  # [B, L-1]
-    if attention_mask is not None and attention_mask.shape[-1] == labels.shape[-1]:
-        chunks = attention_mask.reshape(batch, -1, patch_size).amax(-1).bool()  # [B, L]
-        valid &= chunks[:, :-1] & chunks[:, 1:]
-    return valid.sum(-1)
-
-
 class CalmTrainer(_CalmStatsTrainer):
-    """`Trainer` for stage 2: a `CalmForCausalLM` on its frozen autoencoder (CALM.md section 2).
+    """`Trainer` for stage 2: a `CalmForCausalLM` on its frozen autoencoder.
 
     Use it exactly like `Trainer` (any `TrainingArguments`, PEFT models, DDP/FSDP/DeepSpeed). The model's
     `train()` keeps the autoencoder frozen and in eval mode whenever the Trainer switches modes. Examples longer
@@ -407,13 +397,14 @@ class CalmTrainer(_CalmStatsTrainer):
         patch_size = self.accelerator.unwrap_model(model).config.patch_size
         if labels.dim() != 2 or labels.shape[-1] % patch_size:
             return torch.ones(())  # the model's forward has already refused such a batch; nothing to count
-        return _chunk_target_counts(labels, inputs.get("attention_mask"), patch_size).sum()
+        return next_chunk_targets(labels, patch_size, inputs.get("attention_mask"))[1].sum()
 
     def _evaluation_stats(self, model, inputs, prediction_loss_only=False):
         return_brier = self.eval_brier and not prediction_loss_only
         outputs = model(**inputs, return_brier=return_brier, use_cache=False)
         patch_size = self.accelerator.unwrap_model(model).config.patch_size
-        weights = _chunk_target_counts(inputs["labels"], inputs.get("attention_mask"), patch_size)
+        # Scored next-chunk targets per example [B], by the forward's own rule (token or chunk attention masks).
+        weights = next_chunk_targets(inputs["labels"], patch_size, inputs.get("attention_mask"))[1].sum(-1)
         brier = [None] * BRIER_LM_MAX_N
         if outputs.brier is not None:
             brier[: outputs.brier.numel()] = list(outputs.brier.unbind())
@@ -434,7 +425,7 @@ class CalmTrainer(_CalmStatsTrainer):
 
 
 class CalmAutoencoderTrainer(_CalmStatsTrainer):
-    """`Trainer` for stage 1: a `CalmAutoencoder` (CALM.md section 1).
+    """`Trainer` for stage 1: a `CalmAutoencoder`.
 
     Training logs: `loss` (`K * cross_entropy + kl_weight * KL`), `reconstruction_loss`, `kl` (the clamped KL,
     summed over Z, mean over chunks) and `accuracy` (token accuracy of the training forward, i.e. under input

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from modeling_calm.data_calm import train_bpe_tokenizer
+from tests.utils import WORDS, write_word_corpus
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def run_script(script: str, *args: str, cwd: Path, timeout: int = 600) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_runner_really_hides_the_installed_package(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import modeling_calm\n")
@@ -55,6 +57,7 @@ def test_runner_really_hides_the_installed_package(tmp_path):
     assert result.returncode != 0 and "No module named 'modeling_calm'" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_generate_tiny(tmp_path):
     out = tmp_path / "generate.json"
     stdout = run_script("benchmarks/bench_generate.py", "--tiny", "--batch-sizes", "1", "3", "--new-tokens", "8",
@@ -73,6 +76,7 @@ def test_bench_generate_tiny(tmp_path):
     assert "| target | value | needed | met |" in stdout
 
 
+@pytest.mark.slow
 def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.json"
     run_script("benchmarks/bench_train.py", "--tiny", "--warmup", "1", "--steps", "2", "--json", out, cwd=tmp_path)
@@ -86,6 +90,7 @@ def test_bench_train_tiny(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_bench_trainer_tiny(tmp_path):
     """The CalmTrainer benchmark runs from a bare checkout and records the energy loss's terms as the Trainer
     logged them (loss = 2 * fidelity - diversity at every logged step)."""
@@ -100,18 +105,7 @@ def test_bench_trainer_tiny(tmp_path):
         assert entry["loss"] == pytest.approx(2 * entry["fidelity"] - entry["diversity"], rel=1e-4, abs=1e-5)
 
 
-WORDS = "the a of river city was born in and to film album song team war king church station school is".split()
-
-
-def write_word_corpus(path: Path, rng: random.Random, documents: int = 400) -> Path:
-    """A JSONL corpus of `documents` texts of 20 to 200 words drawn from WORDS."""
-    path.write_text("".join(
-        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))}) + "\n"
-        for _ in range(documents)
-    ))
-    return path
-
-
+@pytest.mark.slow
 def test_real_results_pipeline_tiny_and_resumable(tmp_path):
     rng = random.Random(0)
     corpus = write_word_corpus(tmp_path / "train.jsonl", rng)
@@ -239,6 +233,7 @@ def test_ngram_reference_matches_dense_expectation():
         ngram.ngram_reference(train, {"input_ids": eval_ids}, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every", ["1", "-3"])
 def test_prepare_data_rejects_a_bad_holdout_rate(tmp_path, every):
     corpus = tmp_path / "train.jsonl"
@@ -256,6 +251,7 @@ def test_prepare_data_rejects_a_bad_holdout_rate(tmp_path, every):
     assert not (tmp_path / "data" / "train_ids.npy").exists()
 
 
+@pytest.mark.slow
 def test_gpu_examples_script_on_the_cpu(tmp_path):
     """benchmarks/gpu_examples.sh with GPU=0: tokenizer, autoencoder and CALM examples, then loading the CALM with
     AutoModelForCausalLM and sampling it at two temperatures (the script puts the checkout on PYTHONPATH, as the GPU
@@ -278,6 +274,7 @@ def test_gpu_examples_script_on_the_cpu(tmp_path):
     assert (out / "work" / "calm" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, env, message", [
     ([], {}, "usage:"),
     (["missing.jsonl", "out"], {}, "'missing.jsonl' is not a file"),

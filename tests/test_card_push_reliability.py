@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from modeling_calm import CalmForCausalLM, CalmTrainer
 from modeling_calm.card_calm import push_calm_to_hub
 from modeling_calm.data_calm import CalmDataCollator
-from tests.conftest import tiny_calm_config
+from tests.utils import tiny_calm_config
 
 
 def test_a_trainer_checkpoint_is_pushed_without_its_training_state(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from modeling_calm import CalmAutoencoder, CalmForCausalLM
 from modeling_calm.card_calm import (
     REPO_PLACEHOLDER, build_autoencoder_card, build_model_card, fill_repo_id, push_calm_to_hub,
 )
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from tests.utils import tiny_autoencoder_config, tiny_calm_config
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 
 from modeling_calm import CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
 from modeling_calm.configuration_calm import CAUSAL_BACKBONE_TYPES
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from tests.utils import tiny_autoencoder_config, tiny_calm_config
 
 EXTRA = {"gemma": dict(head_dim=8), "gemma2": dict(head_dim=8), "mistral": dict(sliding_window=None),
          "qwen2": dict(), "qwen3": dict(head_dim=8), "phi3": dict(), "olmo2": dict(), "llama": dict()}

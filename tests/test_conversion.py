@@ -28,8 +28,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from conversion import calm_conversion as cc
 from conversion import converted_folder as cf
 from modeling_calm import CalmAutoencoder, CalmForCausalLM, energy_score
-from modeling_calm.brier_calm import brier_indicators, brier_scores
-from tests.conftest import run_without_package, tiny_calm_config
+from modeling_calm.modeling_calm_brier import brier_indicators, brier_scores
+from tests.utils import run_without_package, tiny_calm_config
 
 
 FIXTURE = Path(os.environ.get("CALM_PARITY_FIXTURE", Path(__file__).parent / "fixtures" / "reference_tiny"))
@@ -301,6 +301,7 @@ def test_every_golden_is_checked(golden):
     assert not unchecked, f"goldens no test reads: {unchecked}"
 
 
+@pytest.mark.slow
 def test_converted_folder_reproduces_the_golden_through_remote_code(converted_dir, golden, tmp_path):
     """What goes to the Hub: a fresh process that cannot import the package loads the folder with remote code."""
     torch.save({"ids": golden["calm_input_ids"], "hidden": golden["calm_hidden"]}, tmp_path / "golden.pt")

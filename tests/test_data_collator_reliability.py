@@ -6,7 +6,7 @@ import torch
 
 from modeling_calm import CalmForCausalLM
 from modeling_calm.data_calm import CalmDataCollator
-from tests.conftest import tiny_calm_config
+from tests.utils import tiny_calm_config
 
 
 def test_padding_never_covers_part_of_a_chunk_and_the_model_takes_the_batch():

@@ -9,19 +9,8 @@ import pytest
 import torch
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM
-from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
+from tests.utils import SHIPPED_CALM_FILES, run_without_package, tiny_autoencoder_config, tiny_calm_config
 
-SHIPPED_CALM_FILES = {
-    "brier_calm.py",
-    "brier_scoring_calm.py",
-    "configuration_calm.py",
-    "generation_calm.py",
-    "modeling_calm.py",
-    "modeling_calm_autoencoder.py",
-    "modeling_calm_compat.py",
-    "modeling_calm_heads.py",
-    "sampling_calm.py",
-}
 
 
 def _code_files(folder: Path) -> set[str]:
@@ -68,6 +57,7 @@ def test_shipped_files_import_only_stdlib_torch_and_transformers():
                 assert root in allowed, f"{name}: {line}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_remote_code_load_in_fresh_process_gives_identical_outputs(tmp_path, dtype):
     model = CalmForCausalLM(tiny_calm_config()).eval().to(getattr(torch, dtype))
@@ -105,6 +95,7 @@ def test_remote_code_load_in_fresh_process_gives_identical_outputs(tmp_path, dty
     assert "OK" in run_without_package(script, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_load_by_repo_id_from_hand_built_offline_cache(saved_model, tmp_path):
     model, folder = saved_model
     cache = tmp_path / "hub-cache"
@@ -129,6 +120,7 @@ def test_load_by_repo_id_from_hand_built_offline_cache(saved_model, tmp_path):
     assert "OK" in run_without_package(script, cwd=tmp_path, env_extra=env)
 
 
+@pytest.mark.slow
 def test_missing_trust_remote_code_is_refused(saved_model, tmp_path):
     _, folder = saved_model
     script = f"""
@@ -139,3 +131,21 @@ def test_missing_trust_remote_code_is_refused(saved_model, tmp_path):
             print("REFUSED", error)
     """
     assert "REFUSED" in run_without_package(script, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "old,new,name",
+    [("generation_calm", "modeling_calm_generation", "CalmGenerationMixin"),
+     ("sampling_calm", "modeling_calm_sampling", "temperature_sample"),
+     ("brier_calm", "modeling_calm_brier", "brier_indicators"),
+     ("brier_scoring_calm", "modeling_calm_brier", "score_calm_brier")],
+)
+def test_old_module_names_are_deprecated_shims_that_nothing_ships(old, new, name):
+    import importlib
+    import sys
+
+    sys.modules.pop(f"modeling_calm.{old}", None)
+    with pytest.warns(FutureWarning, match=new):
+        shim = importlib.import_module(f"modeling_calm.{old}")
+    assert getattr(shim, name) is getattr(importlib.import_module(f"modeling_calm.{new}"), name)
+    assert f"{old}.py" not in SHIPPED_CALM_FILES

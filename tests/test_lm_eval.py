@@ -9,7 +9,7 @@ import pytest
 
 from modeling_calm import CalmConfig, CalmForCausalLM
 from modeling_calm.data_calm import save_tokenizer_with_model, train_bpe_tokenizer
-from tests.conftest import tiny_calm_config
+from tests.utils import tiny_calm_config
 
 pytest.importorskip("lm_eval")
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from modeling_calm import CalmForCausalLM
 from modeling_calm import modeling_calm_compat as compat
-from tests.conftest import other_test_pythons, run_without_package, tiny_calm_config
+from tests.utils import other_test_pythons, run_without_package, tiny_calm_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     from modeling_calm import CalmForCausalLM, CalmTrainer
-    from tests.conftest import tiny_calm_config
+    from tests.utils import tiny_calm_config
     from transformers import TrainingArguments
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
@@ -142,6 +142,7 @@ print("DONE")
 """
 
 
+@pytest.mark.slow
 def test_forward_training_generate_save_and_peft_raise_no_deprecation_warning(tmp_path):
     """transformers 5.24 warns on `past_key_values=` (FutureWarning) and on `out.past_key_values` (a log line): a
     user must see neither from our calls. Run in a fresh interpreter so that `warning_once` has not fired yet."""
@@ -180,6 +181,7 @@ print("OK", transformers.__version__)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("python", [sys.executable] + other_test_pythons(), ids=lambda p: Path(p).parent.parent.name)
 def test_saved_model_loads_as_remote_code_trains_and_generates_in_each_venv(tmp_path, python):
     """Saved with the installed transformers; loaded without the package by this venv's interpreter and by the

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM
-from tests.conftest import run_without_package, tiny_autoencoder_config
+from tests.utils import run_without_package, tiny_autoencoder_config
 
 FAMILIES = {
     "llama": dict(model_type="llama", num_key_value_heads=2, rms_norm_eps=1e-6),

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from tests.test_hub import SHIPPED_CALM_FILES
+from tests.utils import SHIPPED_CALM_FILES
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,7 @@ def run_quickstart(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_writes_a_hub_ready_folder(tmp_path):
     result = run_quickstart(tmp_path, "--max_steps", "3")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -39,6 +41,7 @@ def test_quickstart_runs_end_to_end_and_writes_a_hub_ready_folder(tmp_path):
         assert line in summary, summary[-2000:]
 
 
+@pytest.mark.slow
 def test_quickstart_trains_on_a_users_file(tmp_path):
     text = tmp_path / "mine.txt"
     sentences = [f"Line {i} of my own corpus says that chunk {i % 7} follows chunk {i % 5}." for i in range(400)]
@@ -48,6 +51,7 @@ def test_quickstart_trains_on_a_users_file(tmp_path):
     assert "mine.txt" in result.stdout and "BrierLM (held-out)" in result.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_rejects_an_empty_train_file(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -56,6 +60,7 @@ def test_quickstart_rejects_an_empty_train_file(tmp_path):
     assert "ValueError" in result.stderr and "empty.txt" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "lines, args, message",
     [

@@ -17,7 +17,7 @@ from modeling_calm.data_calm import CalmDataCollator, load_tokenizer, train_bpe_
 from modeling_calm.sft_calm import (
     DEFAULT_CHAT_TEMPLATE, build_sft_dataset, check_not_trl_sft_trainer, encode_sft_record, sft_prompt_ids, sft_texts,
 )
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from tests.utils import tiny_autoencoder_config, tiny_calm_config
 
 
 ROOT = Path(__file__).resolve().parents[1]

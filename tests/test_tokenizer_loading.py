@@ -10,7 +10,7 @@ from modeling_calm.data_calm import (
     CalmDataCollator, load_tokenizer, model_context_tokens, save_tokenizer_with_model, tokenize_and_pack,
     train_bpe_tokenizer,
 )
-from tests.conftest import run_without_package, tiny_calm_config
+from tests.utils import run_without_package, tiny_calm_config
 
 TEXTS = [f"document {i} says hello to the tiny model number {i % 7}" for i in range(40)]
 

@@ -13,7 +13,7 @@ from transformers.utils import logging
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
 from modeling_calm.data_calm import CalmDataCollator
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from tests.utils import tiny_autoencoder_config, tiny_calm_config
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"

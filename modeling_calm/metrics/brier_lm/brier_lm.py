@@ -1,4 +1,4 @@
-"""BrierLM as an `evaluate` metric: a thin optional wrapper over `modeling_calm.brier_calm`.
+"""BrierLM as an `evaluate` metric: a thin optional wrapper over `modeling_calm.modeling_calm_brier`.
 
 `evaluate.load("<path>/modeling_calm/metrics/brier_lm")` copies this file into its module cache, so the import
 below is absolute: the `modeling_calm` package must be importable (installed, or on PYTHONPATH). Needs the
@@ -10,7 +10,7 @@ import datasets
 import evaluate
 import torch
 
-from modeling_calm.brier_calm import BRIER_LM_MAX_N, brier_indicators, brier_lm, brier_scores
+from modeling_calm.modeling_calm_brier import BRIER_LM_MAX_N, brier_indicators, brier_lm, brier_scores
 
 
 _DESCRIPTION = """

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from modeling_calm import CalmEnergyHead, CalmFlowHead, energy_score
-from modeling_calm.modeling_calm_heads import energy_score_ref
-from tests.conftest import tiny_calm_config
+from modeling_calm.modeling_calm_heads import energy_score_ref, zero_init_layers
+from tests.utils import tiny_calm_config
 
 
 @pytest.mark.parametrize("beta", [1.0, 1.5, 0.8])
@@ -43,7 +43,7 @@ def test_energy_head_sample_shapes_and_noise_dependence():
     h = torch.randn(3, 5, 32)
     out = head.sample(h)
     assert out.shape == (3, 5, 8)
-    noise = head.draw_noise((3, 5), "cpu")
+    noise = head.draw_noise((3, 5), device="cpu")
     torch.testing.assert_close(head.sample(h, noise=noise), head.sample(h, noise=noise))
     assert not torch.allclose(head.sample(h, noise=noise), head.sample(h, noise=noise + 0.1))
     with pytest.raises(ValueError, match="noise"):
@@ -56,7 +56,7 @@ def test_energy_head_loss_conditions_once_per_position_like_sampling_each_copy()
     head = CalmEnergyHead(tiny_calm_config())
     torch.nn.init.normal_(head.output.fc2.weight)
     g = torch.Generator().manual_seed(2)
-    h, noise = torch.randn(6, 32, generator=g), head.draw_noise((4, 6), "cpu", g)
+    h, noise = torch.randn(6, 32, generator=g), head.draw_noise((4, 6), device="cpu", generator=g)
     mean, log_std, eps = torch.randn(6, 8, generator=g), torch.zeros(6, 8), torch.randn(16, 6, 8, generator=g)
     out = head.loss(h, mean, log_std, noise=noise, target_noise=eps)
     torch.testing.assert_close(out.samples, head.sample(h.expand(4, -1, -1), noise=noise), atol=1e-6, rtol=1e-5)
@@ -76,9 +76,8 @@ def test_flow_head_learns_a_known_gaussian():
     # mean mu and std sigma (rectified flow between two Gaussians is learnable exactly by an MLP).
     torch.manual_seed(0)
     head = CalmFlowHead(tiny_calm_config(head_type="flow", flow_num_steps=16))
-    for module in head.modules():
-        if isinstance(module, torch.nn.Linear) and getattr(module, "_calm_zero_init", False):
-            torch.nn.init.zeros_(module.weight)
+    for layer in zero_init_layers(head):
+        torch.nn.init.zeros_(layer.weight)
     mu = torch.tensor([2.0, -1.0, 0.5, 0.0, 1.0, -2.0, 0.3, 1.5])
     sigma = 0.5
     h = torch.randn(1, 32).expand(256, 32)

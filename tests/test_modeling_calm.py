@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from modeling_calm import CalmAutoencoder, CalmForCausalLM
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from modeling_calm.modeling_calm_heads import zero_init_layers
+from tests.utils import tiny_autoencoder_config, tiny_calm_config
 
 HEADS = ["energy", "flow"]
 
 
 def unblock(model):
-    for module in model.modules():
-        if getattr(module, "_calm_zero_init", False):
-            torch.nn.init.normal_(module.weight, std=0.02)
+    for layer in zero_init_layers(model):
+        torch.nn.init.normal_(layer.weight, std=0.02)
 
 
 def make_model(head_type="energy", **kwargs):

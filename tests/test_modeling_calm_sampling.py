@@ -1,4 +1,4 @@
-"""Tests for the likelihood-free temperature samplers in modeling_calm/sampling_calm.py.
+"""Tests for the likelihood-free temperature samplers in modeling_calm/modeling_calm_sampling.py.
 
 The statistical tests sample a known categorical distribution over 5 chunks of K = 3 tokens, using a seeded
 generator inside `draw`. Each row of a batch is an independent experiment. Chi-square goodness-of-fit tests use
@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
-from modeling_calm.sampling_calm import (
+from modeling_calm.modeling_calm_sampling import (
     chunk_multiplicities,
     exact_temperature_sample,
     select_by_temperature,
@@ -29,7 +29,7 @@ PROBS = torch.tensor([0.40, 0.25, 0.15, 0.12, 0.08], dtype=torch.float64)
 # regularised incomplete gamma function: survival 1.000e-3 at each value).
 CHI2_CRITICAL_0001 = {4: 18.467, 7: 24.322}
 NUM_ROWS = 20_000  # rows per exact-sampling experiment: the smallest target mass (T = 1/3) still expects ~120
-LOGGER_NAME = "modeling_calm.sampling_calm"
+LOGGER_NAME = "modeling_calm.modeling_calm_sampling"
 
 
 def make_draw(num_rows: int, seed: int, calls: list | None = None):

@@ -322,6 +322,7 @@ def test_collator_errors():
         CalmDataCollator(patch_size=0)
 
 
+@pytest.mark.slow
 def test_module_imports_without_datasets():
     # A fresh interpreter where `import datasets` fails: the module, the collator and tokenizer training work,
     # the datasets paths explain what to install.
@@ -342,6 +343,7 @@ def test_module_imports_without_datasets():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_tokenizer_example_script(tmp_path):
     train_file = tmp_path / "tiny.txt"
     train_file.write_text("\n\n".join(make_docs(60, seed=3)) + "\n", encoding="utf-8")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from modeling_calm import CalmAutoencoder
-from tests.conftest import tiny_autoencoder_config
+from tests.utils import tiny_autoencoder_config
 
 
 def test_shapes_encode_decode_forward():

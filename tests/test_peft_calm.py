@@ -17,6 +17,7 @@ from torch import nn
 
 from modeling_calm import CalmConfig, CalmForCausalLM
 from modeling_calm.data_calm import train_bpe_tokenizer
+from modeling_calm.modeling_calm_heads import zero_init_layers
 from modeling_calm.peft_calm import (
     CALM_PEFT_METHODS,
     calm_lora_config,
@@ -24,20 +25,14 @@ from modeling_calm.peft_calm import (
     calm_target_modules,
     calm_targetable_modules,
 )
-from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
-from tests.test_hub import SHIPPED_CALM_FILES
+from tests.utils import (
+    SHIPPED_CALM_FILES, run_without_package, single_thread, tiny_autoencoder_config, tiny_calm_config,
+)
 
 
 BATCH, TOKENS = 2, 16  # K=4: 4 chunks per row, 3 next-chunk targets per row
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads; on the shared 2-core box contention slows them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _base_model(head_type: str = "energy") -> CalmForCausalLM:
@@ -45,9 +40,8 @@ def _base_model(head_type: str = "energy") -> CalmForCausalLM:
     model = CalmForCausalLM(tiny_calm_config(head_type=head_type))
     # A fresh head's zero-initialised layers (the last layer; the flow head's adaLN modulations) would leave the
     # adapters upstream of them without a gradient at the first step; a "pretrained" base has non-zero ones.
-    for module in model.head.modules():
-        if getattr(module, "_calm_zero_init", False):
-            nn.init.normal_(module.weight, std=0.1)
+    for layer in zero_init_layers(model.head):
+        nn.init.normal_(layer.weight, std=0.1)
     return model
 
 
@@ -247,6 +241,7 @@ def test_merge_and_unload_gives_plain_model_with_same_outputs(lora_run, tmp_path
     assert torch.equal(_outputs(reloaded, lora_run["config"])[0], merged_hidden)
 
 
+@pytest.mark.slow
 def test_merged_and_adapter_load_as_remote_code_in_fresh_process(lora_run, tmp_path):
     _merge_and_save(lora_run, tmp_path / "merged")
     ids, draws = _fixed_inputs(lora_run["config"])
@@ -336,6 +331,7 @@ SENTENCES = [
 ]
 
 
+@pytest.mark.slow
 def test_finetune_lora_example_script(tmp_path):
     tokenizer = train_bpe_tokenizer(iter(SENTENCES * 5), vocab_size=300, min_frequency=1)
     vocab = len(tokenizer)

@@ -10,9 +10,10 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_calm import CalmForCausalLM
-from modeling_calm.generation_calm import layout_prompts
-from modeling_calm.sampling_calm import selection_probabilities
-from tests.conftest import tiny_calm_config
+from modeling_calm.modeling_calm import layout_prompts
+from modeling_calm.modeling_calm_heads import zero_init_layers
+from modeling_calm.modeling_calm_sampling import selection_probabilities
+from tests.utils import tiny_calm_config
 
 K = 4
 PAD, BOS, EOS = 0, 1, 2
@@ -27,9 +28,8 @@ def make_model(head_std: float = 0.5, peaked: bool = False, **config) -> CalmFor
     """
     torch.manual_seed(0)
     model = CalmForCausalLM(tiny_calm_config(**config)).eval()
-    for module in model.modules():
-        if getattr(module, "_calm_zero_init", False):
-            torch.nn.init.normal_(module.weight, std=head_std)
+    for layer in zero_init_layers(model):
+        torch.nn.init.normal_(layer.weight, std=head_std)
     if peaked:
         torch.nn.init.normal_(model.head.output.fc2.bias, std=1.0)
     return model
@@ -338,7 +338,7 @@ def test_low_temperature_methods_run_and_are_reproducible(settings):
 
 def test_approximate_pick_follows_the_selection_probabilities():
     """With fixed candidates (the same head noise on every row), the picked candidate's frequency over many rows
-    matches sampling_calm.selection_probabilities of those candidates."""
+    matches modeling_calm_sampling.selection_probabilities of those candidates."""
     model = make_model(peaked=True)
     rows, num = 3000, 12
     prompt = torch.tensor(random_rows([8], seed=20)).expand(rows, -1)

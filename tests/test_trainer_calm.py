@@ -18,10 +18,9 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from modeling_calm import CalmAutoencoder, CalmAutoencoderTrainer, CalmForCausalLM, CalmTrainer
-from modeling_calm.brier_calm import brier_lm
+from modeling_calm.modeling_calm_brier import brier_lm
 from modeling_calm.data_calm import CalmDataCollator
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
-from tests.test_hub import SHIPPED_CALM_FILES
+from tests.utils import SHIPPED_CALM_FILES, tiny_autoencoder_config, tiny_calm_config
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -307,7 +306,7 @@ import torch, torch.distributed as dist
 from transformers import TrainingArguments
 from modeling_calm import CalmForCausalLM, CalmTrainer
 from modeling_calm.data_calm import CalmDataCollator
-from tests.conftest import tiny_calm_config
+from tests.utils import tiny_calm_config
 
 torch.manual_seed(0)
 g = torch.Generator().manual_seed(0)
@@ -339,6 +338,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_with_gloo(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT).replace("OUT", str(tmp_path / "out")))
@@ -451,6 +451,7 @@ def run_example(name: str, args: list[str], folder: Path, recording_hub: bool = 
     return result.stdout
 
 
+@pytest.mark.slow
 def test_examples_run_as_two_processes_under_torchrun(corpus_and_tokenizer, tmp_path):
     """Both training examples as `torchrun --nproc_per_node 2 ... --use_cpu true --ddp_backend gloo` (the multi-GPU
     command with CPU processes): tokenising once under main_process_first, DDP training, evaluation, one model card
@@ -486,6 +487,7 @@ def test_examples_run_as_two_processes_under_torchrun(corpus_and_tokenizer, tmp_
         torch.testing.assert_close(model.autoencoder.state_dict()[name], tensor, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_examples_train_an_autoencoder_then_a_calm_on_it(corpus_and_tokenizer):
     folder, corpus = corpus_and_tokenizer
     common = ["--preset", "tiny", "--recipe", "tiny", "--train_file", str(corpus), "--max_steps", "3",

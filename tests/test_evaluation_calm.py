@@ -1,11 +1,10 @@
-"""Tests for BrierLM: the estimator (brier_calm), causal-LM scoring (evaluation_calm) and the evaluate wrapper.
+"""Tests for evaluation_calm (BrierLM of causal LMs: sampling, scoring, batches and seeds) and the evaluate metric.
 
 Statistical tests use fixed seeds and accept |empirical mean - exact value| <= 4 standard errors (SE estimated
 from the draws); with fixed seeds they are deterministic, and a correct implementation fails a single check with
 probability ~6e-5 over the choice of seed.
 """
 
-import itertools
 import json
 import math
 import os
@@ -15,7 +14,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_calm.brier_calm import BrierAccumulator, brier_indicators, brier_lm, brier_scores, brier_sums
 from modeling_calm.evaluation_calm import (
     evaluate_brier,
     load_text_blocks,
@@ -26,6 +24,8 @@ from modeling_calm.evaluation_calm import (
     score_causal_lm_ref,
     true_continuations,
 )
+from modeling_calm.modeling_calm_brier import BrierAccumulator, brier_indicators, brier_lm, brier_scores
+from tests.utils import markov_brier, random_transition, sample_chain, single_thread
 
 
 VOCAB = 50
@@ -33,14 +33,6 @@ MAX_N = 4
 NUM_SE = 4.0  # tolerance of the statistical tests, in standard errors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box thread contention made these
-    tests ~5x slower; restored afterwards so other test modules are unaffected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,147 +62,6 @@ class BigramLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, **kw):
         cache = past_key_values if past_key_values is not None else ()
         return SimpleNamespace(logits=self.log_p[input_ids], past_key_values=cache)
-
-
-def random_transition(vocab: int, sharpness: float, seed: int) -> torch.Tensor:
-    """Random row-stochastic [V, V] matrix in float64; larger `sharpness` gives more peaked rows."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.softmax(sharpness * torch.randn(vocab, vocab, generator=g, dtype=torch.float64), dim=-1)
-
-
-def sample_chain(transition: torch.Tensor, start: torch.Tensor, steps: int, g: torch.Generator) -> torch.Tensor:
-    """start LongTensor [N] -> [N, steps] continuations of the Markov chain."""
-    out, state = [], start
-    for _ in range(steps):
-        state = torch.multinomial(transition[state], 1, generator=g)[:, 0]
-        out.append(state)
-    return torch.stack(out, dim=-1)
-
-
-def exact_brier(transition: torch.Tensor, context: int, target: list[int], n: int) -> float:
-    """Brier(P, y) = 2 P(y) - sum_x P(x)^2 over n-grams after `context`, by enumerating all V^n n-grams."""
-    def prob(gram):
-        p, state = 1.0, context
-        for x in gram:
-            p, state = p * float(transition[state, x]), x
-        return p
-
-    vocab = transition.shape[0]
-    squares = sum(prob(g) ** 2 for g in itertools.product(range(vocab), repeat=n))
-    return 2 * prob(target[:n]) - squares
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The estimator
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_indicators_hand_computed():
-    y = torch.tensor([[1, 2, 3, 4]])
-    x1 = torch.tensor([[1, 2, 9, 4]])  # hits y for n = 1, 2 only: a later match after a miss does not count
-    x2 = torch.tensor([[1, 7, 3, 4]])  # hits y for n = 1
-    # n=1: 1 + 1 - 1 (x1, x2 agree on 1 token); n=2: 1 + 0 - 0; n=3, 4: 0 + 0 - 0
-    assert brier_indicators(x1, x2, y).tolist() == [[1.0, 1.0, 0.0, 0.0]]
-    # Two different samples that both hit: 2 - 1 = 1; two that miss but agree: -1.
-    assert brier_indicators(y, y, y, max_n=2).tolist() == [[1.0, 1.0]]
-    assert brier_indicators(x2, x2, x1, max_n=2).tolist() == [[1.0, -1.0]]  # identical samples: 2 * 1{x = y} - 1
-    # Longer continuations: only the first max_n tokens are used.
-    assert brier_indicators(torch.tensor([[5, 6, 0]]), torch.tensor([[5, 0, 0]]), torch.tensor([[5, 6, 1]]),
-                            max_n=2).tolist() == [[1.0, 1.0]]
-
-
-def test_identical_samples_degenerate():
-    """x1 == x2 gives 2 * 1{x = y} - 1: 1 where the n-gram is right, -1 otherwise (meaningless as a score)."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (200, 6), generator=g)
-    x = torch.where(torch.rand(200, 6, generator=g) < 0.7, y, torch.randint(0, 3, (200, 6), generator=g))
-    correct = (x[:, :MAX_N] == y[:, :MAX_N]).long().cumprod(-1)
-    assert torch.equal(brier_indicators(x, x, y), (2 * correct - 1).float())
-    assert set(brier_indicators(x, x, y).unique().tolist()) <= {-1.0, 1.0}
-
-
-def test_estimator_unbiased_on_markov_chain():
-    """Mean of the estimator over many independent draws = exact Brier-n of the known n-gram distribution."""
-    vocab, draws = 4, 20000
-    transition = random_transition(vocab, sharpness=1.5, seed=1)
-    g = torch.Generator().manual_seed(2)
-    for context in range(vocab):
-        start = torch.full((draws,), context, dtype=torch.long)
-        target = sample_chain(transition, start[:1], MAX_N, g)[0]  # a typical true continuation
-        x1 = sample_chain(transition, start, MAX_N, g)
-        x2 = sample_chain(transition, start, MAX_N, g)
-        estimates = brier_indicators(x1, x2, target.expand(draws, -1)).double()  # [draws, 4]
-        means = brier_scores(estimates)
-        for n in range(1, MAX_N + 1):
-            exact = exact_brier(transition, context, target.tolist(), n)
-            se = estimates[:, n - 1].std().item() / math.sqrt(draws)
-            assert abs(means[n - 1].item() - exact) <= NUM_SE * se, (context, n, means[n - 1].item(), exact, se)
-
-
-def test_reducers_and_mask():
-    g = torch.Generator().manual_seed(3)
-    ind = torch.randint(-1, 3, (3, 5, MAX_N), generator=g).float()
-    mask = torch.rand(3, 5, generator=g) < 0.6
-    sums, counts = brier_sums(ind, mask)
-    assert torch.allclose(sums, ind[mask].double().sum(0)) and torch.all(counts == mask.sum())
-    assert torch.allclose(brier_scores(ind, mask), ind[mask].double().mean(0))
-    # Per-(position, n) mask: n-th column masked independently.
-    mask_n = torch.rand(3, 5, MAX_N, generator=g) < 0.6
-    mask_n[0, 0] = True
-    expected = torch.stack([ind[..., n][mask_n[..., n]].double().mean() for n in range(MAX_N)])
-    assert torch.allclose(brier_scores(ind, mask_n), expected)
-    # brier_indicators zeroes masked entries so sums stay right.
-    x = torch.randint(0, 3, (3, 5, MAX_N), generator=g)
-    assert torch.all(brier_indicators(x, x.flip(0), x, mask=mask)[~mask] == 0)
-
-
-def test_brier_lm_and_accumulator():
-    assert brier_lm([0.1, 0.1, 0.1, 0.1]) == pytest.approx(10.0)
-    assert brier_lm(torch.tensor([0.4, 0.2, 0.1, 0.05])) == pytest.approx(100 * (0.4 * 0.2 * 0.1 * 0.05) ** 0.25)
-    assert brier_lm([0.3, 0.2, 0.0, 0.1]) == 0.0  # clamp-at-0 rule
-    assert brier_lm([0.3, 0.2, 0.1, -0.02]) == 0.0
-    assert math.isnan(brier_lm([0.3, float("nan"), 0.1, 0.1]))
-
-    g = torch.Generator().manual_seed(4)
-    chunks = [torch.randint(-1, 3, (2, 7, MAX_N), generator=g).float() for _ in range(3)]
-    masks = [torch.rand(2, 7, generator=g) < 0.8 for _ in range(3)]
-    acc, half = BrierAccumulator(), BrierAccumulator()
-    for c, m in zip(chunks, masks):
-        acc.update(c, m)
-    half.update(chunks[0], masks[0])
-    rest = BrierAccumulator()
-    rest.update(chunks[1], masks[1])
-    rest.update(chunks[2], masks[2])
-    half.merge(rest)
-    all_ind, all_mask = torch.cat(chunks), torch.cat(masks)
-    expected = brier_scores(all_ind, all_mask)
-    result = acc.compute()
-    assert result == half.compute()
-    assert result["num_positions"] == int(all_mask.sum())
-    assert [result[f"brier_{n}"] for n in range(1, 5)] == pytest.approx(expected.tolist())
-    assert result["brier_lm"] == pytest.approx(brier_lm(expected))
-
-
-def test_estimator_bad_inputs():
-    x = torch.zeros(2, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="same shape"):
-        brier_indicators(x, x, torch.zeros(2, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="max_n must be an integer >= 1"):
-        brier_indicators(x, x, x, max_n=0)
-    with pytest.raises(ValueError, match="n_tokens=4 .* max_n=5"):
-        brier_indicators(x, x, x, max_n=5)
-    with pytest.raises(ValueError, match="integer token ids"):
-        brier_indicators(x.float(), x, x)
-    with pytest.raises(ValueError, match="mask has shape"):
-        brier_indicators(x, x, x, mask=torch.ones(3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="No valid position"):
-        brier_scores(torch.zeros(2, 4), torch.zeros(2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="No valid position"):
-        BrierAccumulator().compute()
-    with pytest.raises(ValueError, match="max_n=4"):
-        BrierAccumulator().update(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="empty"):
-        brier_lm([])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,7 +152,7 @@ def test_fast_path_statistics_on_markov_lm():
     labels[:, 10] = -100
     _, valid = true_continuations(text, labels=labels)
     targets, _ = true_continuations(text)  # exact values everywhere; invalid ones are dropped below
-    exact = torch.tensor([[[exact_brier(transition, int(text[b, t]), targets[b, t].tolist(), n)
+    exact = torch.tensor([[[markov_brier(transition, int(text[b, t]), targets[b, t].tolist(), n)
                             for n in range(1, MAX_N + 1)] for t in range(length - MAX_N)] for b in range(blocks)])
     diffs = []
     for seed in range(passes):

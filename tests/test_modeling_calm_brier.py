@@ -19,15 +19,22 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_calm import CalmConfig, CalmForCausalLM
-from modeling_calm.brier_scoring_calm import (
+from modeling_calm.modeling_calm_brier import (
+    BrierAccumulator,
+    brier_indicators,
+    brier_lm,
     brier_num_positions,
+    brier_scores,
+    brier_sums,
     draw_brier_noise,
     sample_brier_continuations,
     sample_brier_continuations_ref,
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.evaluation_calm import evaluate_brier
-from tests.conftest import run_without_package, tiny_calm_config
+from tests.utils import (
+    markov_brier, random_transition, run_without_package, sample_chain, single_thread, tiny_calm_config,
+)
 
 
 MAX_N = 4
@@ -35,13 +42,6 @@ NUM_SE = 4.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads on the shared 2-core box; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_calm(k: int, head_type: str = "energy", seed: int = 0, **overrides) -> CalmForCausalLM:
@@ -67,7 +67,7 @@ class ToyHead(nn.Module):
         self.register_buffer("cdf", probs.double().cumsum(0))
         self.noise_size, self.latent_size = noise_size, latent_size
 
-    def draw_noise(self, shape, device, generator=None):
+    def draw_noise(self, shape, *, device=None, generator=None):
         return torch.rand((*shape, self.noise_size), device=device, generator=generator) - 0.5
 
     def sample(self, hidden_states, noise=None, generator=None):
@@ -89,6 +89,9 @@ class ToyDecoder(nn.Module):
     def decode(self, latents):  # [..., L, Z] -> [..., L*K, V]
         logits = torch.einsum("...lz,zkv->...lkv", latents.float(), self.table)
         return logits.reshape(*latents.shape[:-2], -1, self.table.shape[-1])
+
+    def decode_tokens(self, latents, max_logits_per_block=None):  # [..., L, Z] -> [..., L*K], the model's interface
+        return self.decode(latents).argmax(-1)
 
 
 def toy_calm(k: int, chunks: list[list[int]], probs: list[float]) -> CalmForCausalLM:
@@ -325,11 +328,12 @@ def test_score_brier_through_peft():
     assert result["num_positions"] == 2 * brier_num_positions(12, 2)
 
 
+@pytest.mark.slow
 def test_score_brier_through_remote_code(tmp_path):
     model = tiny_calm(2)
     folder = tmp_path / "calm"
     model.save_pretrained(folder)
-    assert (folder / "brier_scoring_calm.py").exists()
+    assert (folder / "modeling_calm_brier.py").exists()
     ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(10))
     torch.save(ids, tmp_path / "ids.pt")
     torch.save(model.score_brier(ids, generator=torch.Generator().manual_seed(3))[0], tmp_path / "expected.pt")
@@ -425,3 +429,116 @@ def test_example_errors(example_setup):
         example.main([*base, "--eval_file", str(empty), "--block_size", "32"])
     with pytest.raises(ValueError, match="must exceed 4"):
         example.main([*base, "--eval_file", str(root / "eval.txt"), "--block_size", "4"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The estimator (from two samples; Markov chains give exact values)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_indicators_hand_computed():
+    y = torch.tensor([[1, 2, 3, 4]])
+    x1 = torch.tensor([[1, 2, 9, 4]])  # hits y for n = 1, 2 only: a later match after a miss does not count
+    x2 = torch.tensor([[1, 7, 3, 4]])  # hits y for n = 1
+    # n=1: 1 + 1 - 1 (x1, x2 agree on 1 token); n=2: 1 + 0 - 0; n=3, 4: 0 + 0 - 0
+    assert brier_indicators(x1, x2, y).tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    # Two different samples that both hit: 2 - 1 = 1; two that miss but agree: -1.
+    assert brier_indicators(y, y, y, max_n=2).tolist() == [[1.0, 1.0]]
+    assert brier_indicators(x2, x2, x1, max_n=2).tolist() == [[1.0, -1.0]]  # identical samples: 2 * 1{x = y} - 1
+    # Longer continuations: only the first max_n tokens are used.
+    assert brier_indicators(torch.tensor([[5, 6, 0]]), torch.tensor([[5, 0, 0]]), torch.tensor([[5, 6, 1]]),
+                            max_n=2).tolist() == [[1.0, 1.0]]
+
+
+def test_identical_samples_degenerate():
+    """x1 == x2 gives 2 * 1{x = y} - 1: 1 where the n-gram is right, -1 otherwise (meaningless as a score)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (200, 6), generator=g)
+    x = torch.where(torch.rand(200, 6, generator=g) < 0.7, y, torch.randint(0, 3, (200, 6), generator=g))
+    correct = (x[:, :MAX_N] == y[:, :MAX_N]).long().cumprod(-1)
+    assert torch.equal(brier_indicators(x, x, y), (2 * correct - 1).float())
+    assert set(brier_indicators(x, x, y).unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_estimator_unbiased_on_markov_chain():
+    """Mean of the estimator over many independent draws = exact Brier-n of the known n-gram distribution."""
+    vocab, draws = 4, 20000
+    transition = random_transition(vocab, sharpness=1.5, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for context in range(vocab):
+        start = torch.full((draws,), context, dtype=torch.long)
+        target = sample_chain(transition, start[:1], MAX_N, g)[0]  # a typical true continuation
+        x1 = sample_chain(transition, start, MAX_N, g)
+        x2 = sample_chain(transition, start, MAX_N, g)
+        estimates = brier_indicators(x1, x2, target.expand(draws, -1)).double()  # [draws, 4]
+        means = brier_scores(estimates)
+        for n in range(1, MAX_N + 1):
+            exact = markov_brier(transition, context, target.tolist(), n)
+            se = estimates[:, n - 1].std().item() / math.sqrt(draws)
+            assert abs(means[n - 1].item() - exact) <= NUM_SE * se, (context, n, means[n - 1].item(), exact, se)
+
+
+def test_reducers_and_mask():
+    g = torch.Generator().manual_seed(3)
+    ind = torch.randint(-1, 3, (3, 5, MAX_N), generator=g).float()
+    mask = torch.rand(3, 5, generator=g) < 0.6
+    sums, counts = brier_sums(ind, mask)
+    assert torch.allclose(sums, ind[mask].double().sum(0)) and torch.all(counts == mask.sum())
+    assert torch.allclose(brier_scores(ind, mask), ind[mask].double().mean(0))
+    # Per-(position, n) mask: n-th column masked independently.
+    mask_n = torch.rand(3, 5, MAX_N, generator=g) < 0.6
+    mask_n[0, 0] = True
+    expected = torch.stack([ind[..., n][mask_n[..., n]].double().mean() for n in range(MAX_N)])
+    assert torch.allclose(brier_scores(ind, mask_n), expected)
+    # brier_indicators zeroes masked entries so sums stay right.
+    x = torch.randint(0, 3, (3, 5, MAX_N), generator=g)
+    assert torch.all(brier_indicators(x, x.flip(0), x, mask=mask)[~mask] == 0)
+
+
+def test_brier_lm_and_accumulator():
+    assert brier_lm([0.1, 0.1, 0.1, 0.1]) == pytest.approx(10.0)
+    assert brier_lm(torch.tensor([0.4, 0.2, 0.1, 0.05])) == pytest.approx(100 * (0.4 * 0.2 * 0.1 * 0.05) ** 0.25)
+    assert brier_lm([0.3, 0.2, 0.0, 0.1]) == 0.0  # clamp-at-0 rule
+    assert brier_lm([0.3, 0.2, 0.1, -0.02]) == 0.0
+    assert math.isnan(brier_lm([0.3, float("nan"), 0.1, 0.1]))
+
+    g = torch.Generator().manual_seed(4)
+    chunks = [torch.randint(-1, 3, (2, 7, MAX_N), generator=g).float() for _ in range(3)]
+    masks = [torch.rand(2, 7, generator=g) < 0.8 for _ in range(3)]
+    acc, half = BrierAccumulator(), BrierAccumulator()
+    for c, m in zip(chunks, masks):
+        acc.update(c, m)
+    half.update(chunks[0], masks[0])
+    rest = BrierAccumulator()
+    rest.update(chunks[1], masks[1])
+    rest.update(chunks[2], masks[2])
+    half.merge(rest)
+    all_ind, all_mask = torch.cat(chunks), torch.cat(masks)
+    expected = brier_scores(all_ind, all_mask)
+    result = acc.compute()
+    assert result == half.compute()
+    assert result["num_positions"] == int(all_mask.sum())
+    assert [result[f"brier_{n}"] for n in range(1, 5)] == pytest.approx(expected.tolist())
+    assert result["brier_lm"] == pytest.approx(brier_lm(expected))
+
+
+def test_estimator_bad_inputs():
+    x = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="same shape"):
+        brier_indicators(x, x, torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_n must be an integer >= 1"):
+        brier_indicators(x, x, x, max_n=0)
+    with pytest.raises(ValueError, match="n_tokens=4 .* max_n=5"):
+        brier_indicators(x, x, x, max_n=5)
+    with pytest.raises(ValueError, match="integer token ids"):
+        brier_indicators(x.float(), x, x)
+    with pytest.raises(ValueError, match="mask has shape"):
+        brier_indicators(x, x, x, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="No valid position"):
+        brier_scores(torch.zeros(2, 4), torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="No valid position"):
+        BrierAccumulator().compute()
+    with pytest.raises(ValueError, match="max_n=4"):
+        BrierAccumulator().update(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="empty"):
+        brier_lm([])

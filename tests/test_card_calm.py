@@ -9,6 +9,7 @@ import json
 import math
 import os
 import types
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -30,8 +31,7 @@ from modeling_calm.card_calm import (
 )
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.peft_calm import calm_lora_config
-from tests.conftest import run_without_package, tiny_autoencoder_config, tiny_calm_config
-from tests.test_hub import SHIPPED_CALM_FILES
+from tests.utils import SHIPPED_CALM_FILES, run_without_package, tiny_autoencoder_config, tiny_calm_config
 
 
 PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configuration")
@@ -244,6 +244,7 @@ def calm_folder_with_card(tmp_path_factory):
 _STDERR_TO_STDOUT = "import os, sys\nsys.stdout.flush()\nos.dup2(1, 2)\n"
 
 
+@pytest.mark.slow
 def test_card_snippet_loads_the_tokenizer_without_a_remote_code_prompt(calm_folder_with_card, tmp_path):
     """AutoTokenizer on a CALM folder reads config.json, whose class is remote code: without
     trust_remote_code=True, transformers asks "[y/N]" on stdin where the package is not installed. The card's
@@ -387,3 +388,22 @@ def test_standard_push_to_hub_calls_include_code_and_card(hub, tokenizer_and_fil
         ("text-generation", "brier_lm", None): 4.25
     }
     assert hub.validated == [str(card)]
+
+
+def test_card_templates_and_the_metric_are_package_data():
+    """The card templates and the evaluate metric are no Python modules: setup.cfg must list them as package data,
+    or the built wheel would lack them (the card builders and `evaluate.load` read them from the package)."""
+    import configparser
+    import fnmatch
+
+    from modeling_calm import card_calm
+
+    root = Path(card_calm.__file__).resolve().parent
+    parser = configparser.ConfigParser()
+    parser.read(root.parent / "setup.cfg")
+    patterns = parser["options.package_data"]["modeling_calm"].split()
+    data = [p.relative_to(root).as_posix() for sub in ("templates", "metrics") for p in (root / sub).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts]
+    expected = {"templates/calm_model_card.md", "templates/calm_autoencoder_card.md", "metrics/brier_lm/brier_lm.py"}
+    assert expected <= set(data)
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns) for name in data), (data, patterns)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_calm import CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
-from tests.conftest import tiny_autoencoder_config, tiny_calm_config
+from tests.utils import tiny_autoencoder_config, tiny_calm_config
 
 PRESETS = Path(__file__).resolve().parents[1] / "configuration"
 

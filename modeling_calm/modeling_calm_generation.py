@@ -1,0 +1,718 @@
+"""Generation for CALM: one chunk of K tokens per step, likelihood-free temperature (arXiv 2510.27688, sections
+"Next-Vector Prediction" and "Likelihood-Free Temperature Sampling").
+
+`generate` runs in three stages: the prompts (`_calm_prompt_inputs`, then `modeling_calm.layout_prompts` lays them
+out as whole chunks), the stopping rules (`_calm_stopping`), and the run (`_calm_run`: compiled or eager decoding of
+a `CalmDecodingPlan`). What a model keeps between calls is one `CalmDecodingState`.
+
+One decoding step (`_calm_step`): the head samples a latent from the last hidden state, the frozen autoencoder
+decodes it into K tokens (`decode_tokens`, argmax), the K tokens are compressed into one chunk embedding and the
+backbone advances one position with the KV cache. At T < 1 the head samples N latents per row in one call, all N
+are decoded and one is picked by the generalised Algorithm 2 (approximate method), or the head is called
+repeatedly by Algorithm 1 (exact method, eager only). All random numbers (the head's own noise, the pick's
+uniforms) are drawn outside the step, so eager and compiled decoding see the same numbers. On CUDA the step is
+one `torch.compile`d function over a reused `StaticCache`, with an eager fallback. Details: docs/generation.md.
+
+Shape letters: those of `modeling_calm` (C prompt chunks, G decoding steps, N candidates per row).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList
+from transformers.utils import ModelOutput, logging
+
+from .modeling_calm_sampling import (
+    DEFAULT_MAX_ROUNDS,
+    DEFAULT_NUM_CANDIDATES,
+    CalmRandom,
+    check_positive_int,
+    check_temperature,
+    pick_by_uniform,
+    selection_probabilities,
+    temperature_sample,
+)
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "CALM_GENERATION_DEFAULTS",
+    "CalmDecodingPlan",
+    "CalmDecodingState",
+    "CalmGenerateOutput",
+    "CalmGenerationMixin",
+]
+
+# CALM's own generation settings, saved in generation_config.json under these names. They are not transformers'
+# `temperature`/`do_sample`: a GenerationConfig with temperature=0.5 and do_sample=False cannot be saved, and CALM
+# always samples (it has no likelihoods, hence no greedy decoding).
+CALM_GENERATION_DEFAULTS = {
+    "calm_temperature": 1.0,
+    "calm_sampling_method": "approximate",  # or "exact"; irrelevant at T = 1
+    "calm_num_candidates": DEFAULT_NUM_CANDIDATES,  # N of the approximate method (and the exact method's fallback)
+    "calm_max_rounds": DEFAULT_MAX_ROUNDS,  # cap on the exact method's rounds of head calls
+    "calm_stop_on_bos": True,  # a generated BOS (a new document) stops the row, like an EOS
+    "calm_compile": None,  # None: compile the decoding step on CUDA; True/False: force
+    "calm_compile_mode": "reduce-overhead",
+}
+SAMPLING_METHODS = ("approximate", "exact")
+# Used when neither max_new_tokens nor max_length is given (transformers' default max_length is 20 in total).
+DEFAULT_MAX_NEW_TOKENS = 20
+# Head noise is drawn for this many steps at a time (one RNG call per block instead of one per step).
+NOISE_BLOCK_STEPS = 16
+# Without streamer or stopping criteria, stop tokens are read back to the host (a sync) only this often.
+STOP_CHECK_INTERVAL = 8
+# Static caches are sized in multiples of this many chunks, so nearby lengths reuse one cache and one graph.
+STATIC_CACHE_ROUNDING = 64
+# transformers sampling knobs that act on logits; CALM has none, so they are ignored (with a warning when passed).
+_IGNORED_LOGIT_SETTINGS = (
+    "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "min_length",
+    "min_new_tokens", "logits_processor", "renormalize_logits",
+)
+# Arguments that callers such as pipeline("text-generation") pass and that mean nothing here.
+_ACCEPTED_AND_IGNORED = (
+    "do_sample", "use_cache", "synced_gpus", "assistant_model", "prefix_allowed_tokens_fn",
+    "token_type_ids",  # some tokenizers return it; a decoder over chunks has no segments
+)
+
+
+@dataclass
+class CalmGenerateOutput(ModelOutput):
+    """Output of :meth:`CalmGenerationMixin.generate` with `return_dict_in_generate=True`.
+
+    Args:
+        sequences: `[B, T + new]` the prompts as given (with their padding) followed by the generated tokens;
+            after a row stops, its tokens are `pad_token_id`.
+        latents: `[B, G, Z]` the latent vector sampled at every step (`output_latents=True`), before any stop
+            masking; `model.autoencoder.decode_tokens(latents)` gives the step's K tokens.
+    """
+
+    sequences: torch.LongTensor | None = None
+    latents: torch.FloatTensor | None = None
+
+
+@dataclass
+class CalmDecodingPlan:
+    """Everything one `generate` call decodes with, fixed before the first step (built by `generate`)."""
+
+    input_ids: torch.LongTensor  # [B, T] the prompts as given (returned in front of the new tokens, streamed)
+    chunk_ids: torch.LongTensor  # [B, C*K] the laid-out prompts
+    chunk_mask: torch.BoolTensor  # [B, C] which prompt chunks are real
+    num_chunks: torch.LongTensor  # [B] real prompt chunks per row
+    steps: int  # G = ceil(max_new / K)
+    max_new: int  # new tokens returned per row
+    stop_ids: list[int]  # tokens that stop a row (kept in the output)
+    pad_id: int | None  # fills a row after it stops
+    criteria: list  # stopping criteria, called after every chunk
+    streamer: object | None
+    rng: CalmRandom
+    noise: torch.Tensor | None  # explicit head noise [G', B, (N,) E]
+    temperature: float
+    num_candidates: int | None  # N of the approximate method; None at T = 1 and for the exact method
+    exact: bool  # Algorithm 1 (eager only)
+    max_rounds: int  # the exact method's cap
+    fallback_candidates: int  # N of the exact method's fallback
+    want_latents: bool
+
+
+@dataclass
+class CalmDecodingState:
+    """What a model keeps between `generate` calls (one per model, `CalmGenerationMixin._calm_state`)."""
+
+    static_cache: StaticCache | None = None  # reused by compiled decoding: the graphs keep its addresses
+    static_cache_key: tuple | None = None  # (batch, length, dtype, device) it was built for
+    compile_failed: bool = False  # compiling or running the compiled step failed once: stay eager
+    last_decoding: str | None = None  # which path the last call took (`model.calm_last_decoding`)
+
+
+class _CalmStops:
+    """Stop tokens and stopping criteria of one call, checked after every chunk on the device; the host reads the
+    state back (a sync) only every `sync_every` steps."""
+
+    def __init__(self, plan: CalmDecodingPlan, patch_size: int, device: torch.device):
+        batch = plan.chunk_mask.shape[0]
+        self.plan, self.k = plan, patch_size
+        self.stop_ids = torch.tensor(plan.stop_ids, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # a stop token seen
+        self.criteria_step = torch.full((batch,), plan.steps, dtype=torch.long, device=device)  # step a criterion fired
+        # Reading the stop state back costs a device sync: only on accelerators is it worth spacing out.
+        streaming = plan.streamer is not None or plan.criteria
+        self.sync_every = 1 if (streaming or device.type == "cpu") else STOP_CHECK_INTERVAL
+
+    def after_step(self, generated: torch.LongTensor, tokens: torch.LongTensor, i: int) -> bool:
+        """Update with step i's chunk `tokens [B, K]` (`generated [B, (i+1)*K]` so far); stream it; True when every
+        row has stopped (checked on sync steps only)."""
+        plan, k = self.plan, self.k
+        has_stops = self.stop_ids.numel() > 0
+        running = ~self.stopped  # rows still running before this chunk
+        if has_stops:
+            self.stopped = self.stopped | torch.isin(tokens, self.stop_ids).any(-1)
+        if plan.criteria or plan.streamer is not None:
+            so_far = self.mask(generated)
+            if plan.streamer is not None and bool(running[0]):
+                self._stream(so_far[:, i * k : min((i + 1) * k, plan.max_new)])
+            if plan.criteria:
+                sequences = torch.cat([plan.input_ids, so_far], 1)
+                done = torch.zeros_like(self.stopped)
+                for criterion in plan.criteria:
+                    result = criterion(sequences, None)
+                    done = done | torch.as_tensor(result, device=done.device).bool().expand(done.shape[0])
+                self.criteria_step = torch.where(done & (self.criteria_step == plan.steps), i, self.criteria_step)
+        if (has_stops or plan.criteria) and (i + 1) % self.sync_every == 0:
+            return bool((self.stopped | (self.criteria_step < plan.steps)).all())
+        return False
+
+    def mask(self, generated: torch.LongTensor) -> torch.LongTensor:
+        """Replace tokens after each row's first stop token, or after the chunk where a criterion fired, by pad."""
+        if self.plan.pad_id is None or (self.stop_ids.numel() == 0 and not self.plan.criteria):
+            return generated
+        positions = torch.arange(generated.shape[1], device=generated.device)[None]  # [1, new]
+        keep = positions < (self.criteria_step[:, None] + 1) * self.k
+        if self.stop_ids.numel():
+            is_stop = torch.isin(generated, self.stop_ids)
+            first = torch.where(is_stop.any(1), is_stop.int().argmax(1), generated.shape[1])  # [B]
+            keep = keep & (positions <= first[:, None])
+        return torch.where(keep, generated, self.plan.pad_id)
+
+    def _stream(self, chunk: torch.LongTensor) -> None:
+        """Put the chunk's tokens up to and including a stop token (batch 1)."""
+        chunk = chunk[:1]
+        if self.stop_ids.numel():
+            hits = torch.isin(chunk[0], self.stop_ids).nonzero()
+            if hits.numel():
+                chunk = chunk[:, : int(hits[0, 0]) + 1]
+        self.plan.streamer.put(chunk.cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mixin
+
+
+_COMPILED_STEPS: dict = {}
+
+
+def _compiled_step(mode: str):
+    """One torch.compile wrapper of `CalmGenerationMixin._calm_step` per mode for the whole process (dynamo caches
+    per code object anyway).
+
+    `mode` is a torch.compile mode ("reduce-overhead" = CUDA graphs, "default", "max-autotune", ...) or
+    "backend:NAME" for a torch.compile backend with its default mode ("backend:eager" traces with dynamo but runs
+    eagerly: a quick check of the traced path, used by the tests).
+    """
+    if mode not in _COMPILED_STEPS:
+        step = CalmGenerationMixin._calm_step
+        if mode.startswith("backend:"):
+            _COMPILED_STEPS[mode] = torch.compile(step, backend=mode.removeprefix("backend:"), dynamic=False)
+        else:
+            _COMPILED_STEPS[mode] = torch.compile(step, mode=None if mode == "default" else mode, dynamic=False)
+    return _COMPILED_STEPS[mode]
+
+
+class CalmGenerationMixin:
+    """`generate` for CALM: chunked next-vector decoding with likelihood-free temperature.
+
+    Mixed into `CalmForCausalLM` before transformers' `GenerationMixin`, whose `generate` it overrides (CALM has
+    no logits, so none of the token-level machinery applies).
+    """
+
+    @property
+    def _calm_state(self) -> CalmDecodingState:
+        state = self.__dict__.get("_calm_decoding_state")
+        if state is None:
+            state = self.__dict__["_calm_decoding_state"] = CalmDecodingState()
+        return state
+
+    @property
+    def calm_last_decoding(self) -> str | None:
+        """Which decoding path the last `generate` call took ("eager", "compiled (...)", ...)."""
+        return self._calm_state.last_decoding
+
+    def _init_calm_generation_config(self) -> None:
+        """Write CALM's generation defaults into `self.generation_config` (saved as generation_config.json)."""
+        config = getattr(self, "generation_config", None)
+        if config is None:
+            return
+        for name, value in CALM_GENERATION_DEFAULTS.items():
+            if getattr(config, name, None) is None and value is not None:
+                setattr(config, name, value)
+        # A config flagged as derived from the model config is loaded back without its custom fields.
+        config._from_model_config = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The decoding step (compiled as a whole on the fast path)
+
+    def _calm_step(
+        self,
+        cache: Cache,
+        hidden: torch.Tensor,
+        noise: torch.Tensor,
+        uniforms: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        temperature: float,
+    ):
+        """One step: `hidden [B, D]` -> (tokens `[B, K]`, latents `[B, Z]`, next hidden `[B, D]`).
+
+        `noise` is `[B, E]` (T = 1) or `[B, N, E]` (approximate method, then `uniforms [B]` picks a candidate).
+        """
+        batch, dim = hidden.shape
+        if noise.dim() == 3:
+            num = noise.shape[1]
+            expanded = hidden[:, None].expand(batch, num, dim).reshape(batch * num, dim)  # [B*N, D]
+            candidate_latents = self.head.sample(expanded, noise=noise.reshape(batch * num, -1))  # [B*N, Z]
+            candidates = self.autoencoder.decode_tokens(candidate_latents[:, None]).view(batch, num, -1)  # [B, N, K]
+            probs = selection_probabilities(candidates, temperature)  # [B, N]
+            index = pick_by_uniform(probs, uniforms)  # [B]
+            tokens = candidates.gather(1, index[:, None, None].expand(-1, 1, candidates.shape[-1]))[:, 0]
+            latents = candidate_latents.view(batch, num, -1)[torch.arange(batch, device=hidden.device), index]
+        else:
+            latents = self.head.sample(hidden, noise=noise)  # [B, Z]
+            tokens = self.autoencoder.decode_tokens(latents[:, None])  # [B, K]
+        return tokens, latents, self._calm_advance(tokens, cache, position_ids, attention_mask)
+
+    def _calm_advance(self, tokens, cache, position_ids, attention_mask) -> torch.Tensor:
+        """Feed one chunk `[B, K]` to the backbone with the cache -> last hidden state `[B, D]`."""
+        out = self.model(
+            inputs_embeds=self.embed_chunks(tokens),  # [B, 1, D]
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return out.last_hidden_state[:, -1]
+
+    def _calm_exact_chunk(self, hidden: torch.Tensor, plan: CalmDecodingPlan):
+        """Algorithm 1 via `temperature_sample(method="exact")`; draw(n) runs the head n times."""
+        batch, dim = hidden.shape
+        drawn_tokens, drawn_latents = [], []
+
+        def draw(n: int) -> torch.LongTensor:
+            noise = plan.rng.head_noise(self.head, 1, batch, n)[0]  # [B, n, E]
+            latents = self.head.sample(hidden[:, None].expand(batch, n, dim), noise=noise)  # [B, n, Z]
+            tokens = self.autoencoder.decode_tokens(latents.reshape(batch * n, 1, -1)).view(batch, n, -1)  # [B, n, K]
+            drawn_tokens.append(tokens)
+            drawn_latents.append(latents)
+            return tokens
+
+        chosen = temperature_sample(
+            draw,
+            plan.temperature,
+            method="exact",
+            num_candidates=plan.fallback_candidates,
+            generator=plan.rng.device_generator(),
+            max_rounds=plan.max_rounds,
+        )  # [B, K]
+        latents = None
+        if plan.want_latents:
+            # The chosen chunk is one of the drawn ones: return the latent of its first copy.
+            all_tokens = torch.cat(drawn_tokens, 1)  # [B, draws, K]
+            match = (all_tokens == chosen[:, None]).all(-1).int().argmax(1)  # [B]
+            latents = torch.cat(drawn_latents, 1)[torch.arange(batch, device=hidden.device), match]
+        return chosen, latents
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Settings
+
+    def _calm_settings(self, generation_config, kwargs, explicit) -> tuple[GenerationConfig, dict]:
+        base = generation_config if generation_config is not None else self.generation_config
+        if base is None:
+            base = GenerationConfig()
+        gc = copy.deepcopy(base)
+        settings = {}
+        for name, default in CALM_GENERATION_DEFAULTS.items():
+            value = getattr(gc, name, None)
+            if value is None and self.generation_config is not None:
+                value = getattr(self.generation_config, name, None)
+            settings[name] = default if value is None else value
+        # transformers' own `temperature` field, when a caller set it (e.g. pipeline("text-generation") on
+        # transformers 5.17 puts its default 0.7 there), is a per-call choice and outranks the saved calm_temperature.
+        if getattr(gc, "temperature", None) is not None:
+            settings["calm_temperature"] = gc.temperature
+        for name in list(kwargs):
+            if name in CALM_GENERATION_DEFAULTS:
+                settings[name] = kwargs.pop(name)
+        for name, value in explicit.items():
+            if value is not None:
+                settings[name] = value
+        ignored = sorted(name for name in _IGNORED_LOGIT_SETTINGS if kwargs.get(name) is not None)
+        if ignored:
+            logger.warning_once(
+                f"CALM has no logits: {ignored} are ignored. Use `temperature` (likelihood-free, in (0, 1]), "
+                "`num_candidates` and `sampling_method` instead."
+            )
+        for name in _IGNORED_LOGIT_SETTINGS + _ACCEPTED_AND_IGNORED:
+            kwargs.pop(name, None)
+        gc.do_sample = True  # CALM always samples; also keeps transformers' validation of sampling fields quiet
+        unknown = gc.update(**kwargs)
+        if unknown:
+            raise ValueError(f"generate() got arguments CALM does not use: {sorted(unknown)}.")
+        if (gc.num_beams or 1) > 1:
+            raise ValueError(f"num_beams={gc.num_beams}: CALM has no likelihoods, so beam search is impossible.")
+        self._calm_check_settings(settings)
+        return gc, settings
+
+    @staticmethod
+    def _calm_check_settings(settings: dict) -> None:
+        check_temperature(settings["calm_temperature"])
+        method = settings["calm_sampling_method"]
+        if method not in SAMPLING_METHODS:
+            raise ValueError(f"sampling_method={method!r} is unknown: use one of {SAMPLING_METHODS}.")
+        for name in ("calm_num_candidates", "calm_max_rounds"):
+            check_positive_int(name.removeprefix("calm_"), settings[name])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # generate
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        stopping_criteria: StoppingCriteriaList | list | None = None,
+        streamer=None,
+        temperature: float | None = None,
+        sampling_method: str | None = None,
+        num_candidates: int | None = None,
+        max_rounds: int | None = None,
+        stop_on_bos: bool | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | None = None,
+        output_latents: bool | None = None,
+        **kwargs,
+    ) -> torch.LongTensor | CalmGenerateOutput:
+        r"""Generate continuations chunk by chunk (K tokens per step), with likelihood-free temperature.
+
+        Args:
+            input_ids: `[B, T]` prompts (any length >= 1; T need not be a multiple of K). None: one BOS.
+            attention_mask: `[B, T]` 1 on content tokens, 0 on padding (usually left padding). Default all ones.
+            generation_config: base settings (default `model.generation_config`); keyword arguments override it.
+                transformers fields used: `max_new_tokens`, `max_length` (prompt + new, counted on `input_ids`),
+                `eos_token_id` (int or list), `bos_token_id`, `pad_token_id`, `num_return_sequences`,
+                `max_time`, `return_dict_in_generate`. Logit knobs (top_k, top_p, penalties...) and `do_sample`
+                are ignored: CALM always samples.
+            stopping_criteria: transformers `StoppingCriteria` (or callables `(input_ids, scores) -> [B] bool`),
+                evaluated after every chunk on the sequences so far; a row they stop is padded afterwards.
+            streamer: e.g. `TextStreamer` (batch 1): gets the prompt once, then each new chunk.
+            temperature: T in (0, 1] (`calm_temperature`, default 1). Fluent text needs T <= 0.5 with the
+                approximate method and N ~ 200 (the authors' advice).
+            sampling_method: "approximate" (default; Algorithm 2 over N candidates, generalised to any T) or
+                "exact" (Algorithm 1, eager, draws until accepted; a row still unfinished after `max_rounds` rounds
+                of 16 head samples falls back to the approximate method with a warning). `calm_sampling_method`.
+            num_candidates: N for the approximate method (`calm_num_candidates`, default 200).
+            max_rounds: cap of the exact method (`calm_max_rounds`, default 1000).
+            stop_on_bos: a generated BOS (a document start; CALM's training text has no EOS) stops the row like
+                an EOS (`calm_stop_on_bos`, default True). Stop tokens are kept in the output.
+            noise: explicit head noise: `[G', B, E]` at T = 1 (energy head: uniform in [-0.5, 0.5); flow head:
+                x0 `[G', B, Z]`), or `[G', B, N, E]` for the approximate method; step i uses `noise[i]`,
+                G' >= the steps run. Not for the exact method.
+            generator: a `torch.Generator` (any device) or a list of one per row, for every random draw.
+            seed: shorthand for a fresh generator on the model's device seeded with it.
+            output_latents: with `return_dict_in_generate=True`, also return the sampled latents `[B, G, Z]`.
+            kwargs: more generation-config fields; `calm_*` names of the settings above; `calm_compile`
+                (None = on CUDA, True, False) and `calm_compile_mode` for the compiled decoding step.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        >>> tokenizer = AutoTokenizer.from_pretrained("org/calm-m")  # a converted or trained CALM
+        >>> model = AutoModelForCausalLM.from_pretrained("org/calm-m", trust_remote_code=True)
+        >>> prompts = tokenizer(["The capital of France"], return_tensors="pt")
+        >>> out = model.generate(**prompts, max_new_tokens=32, temperature=0.5, num_candidates=200, seed=0)
+        >>> tokenizer.decode(out[0])
+        ```
+
+        Returns:
+            `[B, T + new]` token ids (the prompts as given, then at most `max_new_tokens` new tokens; after a
+            row's stop token its tokens are `pad_token_id`), or a `CalmGenerateOutput` with
+            `return_dict_in_generate=True`.
+        """
+        if kwargs.get("custom_generate") is not None:
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if input_ids is None and kwargs.get("inputs") is not None:
+            input_ids = kwargs.pop("inputs")  # transformers' name of the first argument
+        kwargs.pop("inputs", None)
+        explicit = {
+            "calm_temperature": temperature,
+            "calm_sampling_method": sampling_method,
+            "calm_num_candidates": num_candidates,
+            "calm_max_rounds": max_rounds,
+            "calm_stop_on_bos": stop_on_bos,
+        }
+        gc, settings = self._calm_settings(generation_config, dict(kwargs), explicit)
+        bos_id = gc.bos_token_id if gc.bos_token_id is not None else self.config.bos_token_id
+        input_ids, attention_mask, max_new = self._calm_prompt_inputs(input_ids, attention_mask, gc, bos_id)
+        stop_ids, pad_id, criteria = self._calm_stopping(gc, settings, stopping_criteria, bos_id)
+        plan = self._calm_plan(
+            input_ids, attention_mask, max_new, bos_id, stop_ids, pad_id, criteria, streamer, settings,
+            noise=noise, generator=generator, seed=seed, output_latents=output_latents,
+        )
+        new_tokens, latents = self._calm_run(plan, settings, gc)
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        if gc.return_dict_in_generate:
+            return CalmGenerateOutput(sequences=sequences, latents=latents if output_latents else None)
+        return sequences
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The three stages of generate: prompts, stopping, run
+
+    def _calm_prompt_inputs(self, input_ids, attention_mask, gc: GenerationConfig, bos_id: int | None):
+        """Checked prompts and mask on the model's device (one BOS when no prompt), repeated for
+        `num_return_sequences`, and the number of new tokens."""
+        device = self.device
+        if input_ids is None:
+            if bos_id is None:
+                raise ValueError("`input_ids` is required when the config has no `bos_token_id` to start from.")
+            input_ids = torch.full((1, 1), bos_id, dtype=torch.long, device=device)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"`input_ids` must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}.")
+        input_ids = input_ids.to(device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` shape {tuple(attention_mask.shape)} must equal `input_ids` {tuple(input_ids.shape)}."
+            )
+        repeats = gc.num_return_sequences or 1
+        if repeats > 1:
+            input_ids = input_ids.repeat_interleave(repeats, 0)
+            attention_mask = attention_mask.repeat_interleave(repeats, 0)
+        prompt_width = input_ids.shape[1]
+        max_new = gc.max_new_tokens
+        if max_new is None:
+            max_new = gc.max_length - prompt_width if gc.max_length is not None else DEFAULT_MAX_NEW_TOKENS
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise ValueError(
+                f"max_new_tokens={max_new!r} (or max_length={gc.max_length!r} minus the prompt width {prompt_width}) "
+                "must give at least 1 new token."
+            )
+        return input_ids, attention_mask, max_new
+
+    @staticmethod
+    def _calm_stopping(gc: GenerationConfig, settings: dict, stopping_criteria, bos_id: int | None):
+        """(stop token ids, pad id, stopping criteria): EOS (and BOS with `stop_on_bos`) stop a row, `max_time`
+        becomes a criterion, and a row that stops is filled with pad (a stop token when pad is unset)."""
+        pad_id = gc.pad_token_id
+        eos = gc.eos_token_id
+        stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if settings["calm_stop_on_bos"] and bos_id is not None and bos_id not in stop_ids:
+            stop_ids.append(bos_id)
+        criteria = list(stopping_criteria or [])
+        if gc.max_time is not None:
+            criteria.append(MaxTimeCriteria(max_time=gc.max_time))
+        if pad_id is None and stop_ids:
+            pad_id = stop_ids[0]
+            logger.warning_once(f"`pad_token_id` is not set: rows that stop are filled with {pad_id} (a stop token).")
+        if pad_id is None and criteria:
+            raise ValueError("`pad_token_id` is needed to fill rows that stopping criteria stop; set it.")
+        return stop_ids, pad_id, criteria
+
+    def _calm_plan(
+        self, input_ids, attention_mask, max_new, bos_id, stop_ids, pad_id, criteria, streamer, settings, *,
+        noise, generator, seed, output_latents,
+    ) -> CalmDecodingPlan:
+        """Lay the prompts out as whole chunks, check the lengths and the sampling set-up, fix the random source."""
+        from .modeling_calm import layout_prompts  # here, not on top: modeling_calm imports this module
+
+        k = self.config.patch_size
+        batch = input_ids.shape[0]
+        steps = -(-max_new // k)
+        chunk_ids, chunk_mask, num_chunks, dropped = layout_prompts(
+            input_ids, attention_mask, k, bos_id, pad_id if pad_id is not None else 0
+        )
+        if bool(dropped.any()):
+            logger.warning(
+                f"The config has no `bos_token_id` to complete a partial first chunk: the first {dropped.tolist()} "
+                f"tokens of the prompts (length % K={k}) are dropped."
+            )
+        max_positions = self.config.backbone_config.max_position_embeddings
+        longest = int(num_chunks.max())
+        if longest + steps > max_positions:
+            raise ValueError(
+                f"The longest prompt takes {longest} chunks and {max_new} new tokens take {steps} more: "
+                f"{longest + steps} chunks exceed the backbone's max_position_embeddings={max_positions} "
+                f"(positions count chunks of K={k} tokens). Shorten the prompt or max_new_tokens."
+            )
+
+        temperature = float(settings["calm_temperature"])
+        exact = settings["calm_sampling_method"] == "exact" and temperature < 1.0
+        num_cand = settings["calm_num_candidates"] if temperature < 1.0 and not exact else None
+        rng = CalmRandom(self.device, generator=generator, seed=seed, batch_size=batch)
+        if noise is not None:
+            if exact:
+                raise ValueError("`noise` is not supported by the exact method (it draws a random number of samples).")
+            size = self.head.noise_size
+            expected = (batch, num_cand, size) if num_cand else (batch, size)
+            if noise.dim() != len(expected) + 1 or tuple(noise.shape[1:]) != expected or noise.shape[0] < steps:
+                raise ValueError(
+                    f"`noise` must have shape [steps>={steps}, {', '.join(map(str, expected))}] for this call, got "
+                    f"{tuple(noise.shape)}."
+                )
+            noise = noise.to(self.device)
+        if exact and rng.per_row is not None:
+            raise ValueError("Per-row generators are supported at T = 1 and by the approximate method, not 'exact'.")
+        if streamer is not None and batch != 1:
+            raise ValueError(f"A streamer needs batch size 1, got {batch} rows.")
+        return CalmDecodingPlan(
+            input_ids=input_ids, chunk_ids=chunk_ids, chunk_mask=chunk_mask, num_chunks=num_chunks, steps=steps,
+            max_new=max_new, stop_ids=stop_ids, pad_id=pad_id, criteria=criteria, streamer=streamer, rng=rng,
+            noise=noise, temperature=temperature, num_candidates=num_cand, exact=exact,
+            max_rounds=settings["calm_max_rounds"], fallback_candidates=settings["calm_num_candidates"],
+            want_latents=bool(output_latents),
+        )
+
+    def _calm_run(self, plan: CalmDecodingPlan, settings: dict, gc: GenerationConfig):
+        """Decode the plan, compiled when asked (or on CUDA) and possible, else eagerly; on a compile failure,
+        again eagerly from the same random state. Returns (new tokens `[B, new]`, latents or None)."""
+        state = self._calm_state
+        static = gc.cache_implementation == "static"
+        use_compile = settings["calm_compile"]
+        if use_compile is None:
+            use_compile = self.device.type == "cuda" and not gc.disable_compile
+        use_compile = bool(use_compile) and not plan.exact and not state.compile_failed
+        if not use_compile:
+            result = self._calm_decode(plan, compiled=None, static=static)
+            state.last_decoding = "eager" + (" (exact method)" if plan.exact else "")
+            if settings["calm_compile"] is not False and state.compile_failed:
+                state.last_decoding += " (compiling failed earlier)"
+            return result
+        if settings["calm_compile"] is None:  # chosen for the caller: say what the first call costs
+            logger.warning_once(
+                "CALM compiles its decoding step on CUDA (torch.compile, CUDA graphs) for each new batch size, "
+                "length and temperature: such a first call takes from tens of seconds to about two minutes, "
+                "later ones are fast. For a few one-off generations pass calm_compile=False (eager decoding)."
+            )
+        rng_state = plan.rng.get_state()
+        try:
+            result = self._calm_decode(plan, compiled=settings["calm_compile_mode"], static=True)
+            state.last_decoding = f"compiled ({settings['calm_compile_mode']}, static cache)"
+        except Exception as error:  # noqa: BLE001 - any compile/runtime failure falls back to eager
+            if plan.streamer is not None:
+                raise
+            logger.warning(
+                f"Compiled CALM decoding failed ({type(error).__name__}: {error}); falling back to eager "
+                "decoding, which this model will use from now on."
+            )
+            state.compile_failed = True
+            state.static_cache = state.static_cache_key = None
+            plan.rng.set_state(rng_state)
+            result = self._calm_decode(plan, compiled=None, static=static)
+            state.last_decoding = "eager (compile failed)"
+        return result
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The decoding loop
+
+    def _calm_cache(self, batch: int, length: int, static: bool, reuse: bool):
+        backbone_config = self.model.config
+        if not static:
+            return DynamicCache(config=backbone_config), length
+        if not reuse:
+            return StaticCache(config=backbone_config, max_cache_len=length), length
+        length = -(-length // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
+        key = (batch, length, self.dtype, self.device)
+        state = self._calm_state
+        if state.static_cache is not None and state.static_cache_key == key:
+            state.static_cache.reset()  # in place: the compiled graphs keep their static addresses
+            return state.static_cache, length
+        state.static_cache = StaticCache(config=backbone_config, max_cache_len=length)
+        state.static_cache_key = key
+        return state.static_cache, length
+
+    def _calm_prefill(self, plan: CalmDecodingPlan, static: bool, reuse: bool):
+        """The prompt forward. Returns (cache, last hidden `[B, D]`, mask_at(length) for the step masks)."""
+        chunk_ids, chunk_mask = plan.chunk_ids, plan.chunk_mask
+        batch, prompt_chunks = chunk_mask.shape
+        cache, cache_len = self._calm_cache(batch, prompt_chunks + plan.steps, static, reuse=reuse)
+        # Chunk-level padding mask over every cache slot (left pad chunks 0, the rest 1); None without padding.
+        full_mask = None
+        if not bool(chunk_mask.all()):
+            full_mask = torch.ones(batch, cache_len, dtype=torch.long, device=chunk_ids.device)
+            full_mask[:, :prompt_chunks] = chunk_mask.long()
+
+        def mask_at(length: int):
+            if full_mask is None:
+                return None
+            return full_mask if static else full_mask[:, :length]
+
+        out = self.model(
+            inputs_embeds=self.embed_chunks(chunk_ids),
+            attention_mask=mask_at(prompt_chunks),
+            position_ids=(chunk_mask.long().cumsum(-1) - 1).clamp(min=0),  # [B, C], from each row's first chunk
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return cache, out.last_hidden_state[:, -1].contiguous(), mask_at  # every row's last real chunk
+
+    def _calm_decode(self, plan: CalmDecodingPlan, compiled: str | None, static: bool):
+        """Prefill, then `steps` decoding steps. Returns (new tokens `[B, new]` after stop masking, latents)."""
+        steps, rng = plan.steps, plan.rng
+        batch, prompt_chunks = plan.chunk_mask.shape
+        k = self.config.patch_size
+        device = plan.chunk_ids.device
+        run_compiled = compiled is not None
+        cache, hidden, mask_at = self._calm_prefill(plan, static, reuse=run_compiled)
+        step_positions = plan.num_chunks[None, :, None] + torch.arange(steps, device=device)[:, None, None]  # [G, B, 1]
+
+        step_fn = _compiled_step(compiled) if run_compiled else type(self)._calm_step
+        cudagraphs = run_compiled and "reduce-overhead" in str(compiled) and device.type == "cuda"
+        tokens_out = torch.empty(batch, steps * k, dtype=torch.long, device=device)
+        latents_out = None
+        if plan.want_latents:
+            latents_out = torch.empty(batch, steps, self.config.latent_size, dtype=self.dtype, device=device)
+        stops = _CalmStops(plan, k, device)
+        if plan.streamer is not None:
+            plan.streamer.put(plan.input_ids.cpu())
+        approximate = plan.num_candidates is not None
+
+        steps_run = 0
+        noise_block = uniform_block = None
+        for i in range(steps):
+            block_index = i % NOISE_BLOCK_STEPS
+            if block_index == 0:
+                count = min(NOISE_BLOCK_STEPS, steps - i)
+                if plan.exact:
+                    pass  # the exact method draws its own noise inside `draw`
+                elif plan.noise is not None:
+                    noise_block = plan.noise[i : i + count]
+                else:
+                    rest = (plan.num_candidates,) if approximate else ()
+                    noise_block = rng.head_noise(self.head, count, batch, *rest)
+                if approximate:
+                    uniform_block = rng.uniform(count, batch)
+            position_ids = step_positions[i]
+            mask = mask_at(prompt_chunks + i + 1)
+            if plan.exact:
+                tokens, latents = self._calm_exact_chunk(hidden, plan)
+                hidden = self._calm_advance(tokens, cache, position_ids, mask)
+            else:
+                uniforms = uniform_block[block_index] if approximate else None
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                tokens, latents, hidden = step_fn(
+                    self, cache, hidden, noise_block[block_index], uniforms, position_ids, mask, plan.temperature
+                )
+                if run_compiled:
+                    hidden = hidden.clone()  # the graph's output buffers are reused by the next replay
+            tokens_out[:, i * k : (i + 1) * k] = tokens
+            if latents_out is not None:
+                latents_out[:, i] = latents
+            steps_run = i + 1
+            if stops.after_step(tokens_out[:, : steps_run * k], tokens, i):
+                break
+        if plan.streamer is not None:
+            plan.streamer.end()
+
+        new_tokens = stops.mask(tokens_out[:, : steps_run * k])[:, : plan.max_new]
+        if latents_out is not None:
+            latents_out = latents_out[:, :steps_run]
+        return new_tokens, latents_out
