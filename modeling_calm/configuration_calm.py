@@ -26,7 +26,9 @@ logger = logging.get_logger(__name__)
 
 __all__ = ["CalmAutoencoderConfig", "CalmConfig", "HEAD_TYPES"]
 
-HEAD_TYPES = ("energy", "flow")
+HEAD_TYPES = ("energy", "flow", "diffusion")
+# Noise levels of the diffusion head's training schedule (its sampler visits a subset of them).
+DIFFUSION_TRAIN_STEPS = 1000
 
 # Decoder families accepted as the backbone: causal decoders whose state at chunk i depends only on chunks <= i
 # (each is tested for that, and for the forward, cache and generation paths, in the test suite). Encoders
@@ -211,8 +213,11 @@ class CalmConfig(PretrainedConfig):
             pairs).
         num_target_samples (`int`): M, samples drawn from the autoencoder posterior of each target chunk.
         beta (`float`): exponent of the distances in the energy score; strictly proper for beta in (0, 2).
-        head_type (`str`): "energy" (single-step energy head, the default) or "flow" (flow matching).
+        head_type (`str`): "energy" (single-step energy head, the default), "flow" (flow matching) or
+            "diffusion" (noise prediction with a DDIM sampler).
         flow_num_steps (`int`): Euler steps of the flow head's sampler.
+        diffusion_num_steps (`int`): denoising steps of the diffusion head's (DDIM) sampler; it is trained on
+            1,000 noise levels, any number of steps up to 1,000 can sample.
         head_norm_eps (`float`): epsilon of the LayerNorms of the head and of the input compression.
         initializer_range (`float`): std of the normal initialisation of the CALM-specific layers.
     """
@@ -235,6 +240,7 @@ class CalmConfig(PretrainedConfig):
         beta: float = 1.0,
         head_type: str = "energy",
         flow_num_steps: int = 8,
+        diffusion_num_steps: int = 25,
         head_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         **kwargs,
@@ -261,6 +267,7 @@ class CalmConfig(PretrainedConfig):
         self.beta = beta
         self.head_type = head_type
         self.flow_num_steps = flow_num_steps
+        self.diffusion_num_steps = diffusion_num_steps
         self.head_norm_eps = head_norm_eps
         self.initializer_range = initializer_range
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -293,8 +300,14 @@ class CalmConfig(PretrainedConfig):
         ae = self.autoencoder_config
         if hasattr(ae, "validate_calm"):
             ae.validate_calm()
-        for name in ("patch_size", "latent_size", "noise_size", "num_target_samples", "flow_num_steps"):
+        for name in ("patch_size", "latent_size", "noise_size", "num_target_samples", "flow_num_steps",
+                     "diffusion_num_steps"):
             _check_positive_int(name, getattr(self, name))
+        if self.diffusion_num_steps > DIFFUSION_TRAIN_STEPS:
+            raise ValueError(
+                f"`diffusion_num_steps` ({self.diffusion_num_steps}) must be at most the {DIFFUSION_TRAIN_STEPS} noise "
+                "levels the diffusion head is trained on."
+            )
         _check_positive_int("num_mlp_layers", self.num_mlp_layers, minimum=0)
         _check_positive_int("num_samples", self.num_samples, minimum=2)
         if self.patch_size != ae.patch_size:

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_calm import CalmConfig
+from .configuration_calm import DIFFUSION_TRAIN_STEPS, CalmConfig
 
 
 __all__ = [
     "CALM_HEADS",
+    "CalmDiffusionHead",
     "CalmEnergyHead",
     "CalmFlowHead",
     "CalmHeadLoss",
@@ -365,7 +366,85 @@ class CalmFlowHead(nn.Module):
         return CalmHeadLoss(loss=loss)
 
 
-CALM_HEADS = {"energy": CalmEnergyHead, "flow": CalmFlowHead}
+class CalmDiffusionHead(CalmFlowHead):
+    """Diffusion head (denoising, noise prediction), the paper's third head: the same adaLN network as the flow
+    head, read as eps(x_t, t | h).
+
+    Training: a noise level t ~ U{0, ..., 999} of a cosine schedule (alpha_bar(t) = cos^2((t/1000 + s) / (1 + s)
+    * pi/2), s = 0.008), x_t = sqrt(alpha_bar) y + sqrt(1 - alpha_bar) eps with y a sample of the target posterior,
+    loss = ||eps(x_t, t, h) - eps||^2 summed over Z. Sampling: deterministic DDIM over `diffusion_num_steps`
+    evenly spaced levels from t = 999 down to 0, starting at the noise x_T ~ N(0, I) (the head's `draw_noise`), so
+    a sample is a function of its noise like the other heads'. The paper found this head the weakest, citing the
+    many steps its sampler needs; `diffusion_num_steps` trades quality for speed.
+    """
+
+    def __init__(self, config: CalmConfig):
+        super().__init__(config)
+        self.num_steps = config.diffusion_num_steps
+        steps = torch.arange(DIFFUSION_TRAIN_STEPS + 1, dtype=torch.float64) / DIFFUSION_TRAIN_STEPS
+        offset = 0.008
+        curve = torch.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
+        alpha_bar = (curve[1:] / curve[0]).clamp(min=1e-5, max=1.0)  # level t = 0..999
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        self._alpha_bar_values = alpha_bar.tolist()
+
+    def _levels(self, t: torch.Tensor) -> torch.Tensor:
+        return self.alpha_bar.to(t.device)[t]
+
+    def sample(
+        self,
+        hidden_states: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """`[..., D]` -> `[..., Z]` by DDIM from x_T = `noise` `[..., Z]` (drawn when None)."""
+        steps = self.num_steps if num_steps is None else num_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= DIFFUSION_TRAIN_STEPS:
+            raise ValueError(f"`num_steps` must be an integer in [1, {DIFFUSION_TRAIN_STEPS}], got {steps!r}.")
+        shape = (*hidden_states.shape[:-1], self.latent_size)
+        if noise is None:
+            noise = self.draw_noise(shape[:-1], device=hidden_states.device, generator=generator)
+        elif noise.shape != shape:
+            raise ValueError(f"`noise` must have shape {shape}, got {tuple(noise.shape)}.")
+        x = noise.float()
+        # Python numbers, not tensors: the loop unrolls into one graph under torch.compile (no host sync).
+        last = DIFFUSION_TRAIN_STEPS - 1
+        levels = [round(last * (1 - i / (steps - 1))) if steps > 1 else last for i in range(steps)]
+        for i, level in enumerate(levels):
+            a = self._alpha_bar_values[level]
+            a_next = self._alpha_bar_values[levels[i + 1]] if i + 1 < steps else 1.0
+            t = torch.full(shape[:-1], level / DIFFUSION_TRAIN_STEPS, device=x.device)
+            eps = self.velocity(x, t, hidden_states).float()
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
+        return x.to(hidden_states.dtype)
+
+    def loss(
+        self,
+        hidden_states: torch.Tensor,
+        target_mean: torch.Tensor,
+        target_log_std: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        target_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> CalmHeadLoss:
+        """Noise-prediction loss per position `[P]`; `noise` is eps `[P, Z]`, `target_noise` the posterior's eps."""
+        mean, std = target_mean.float(), torch.exp(target_log_std.float())
+        device = hidden_states.device
+        if target_noise is None:
+            target_noise = torch.randn(mean.shape, device=device, generator=generator)
+        target = mean + target_noise.reshape(mean.shape).float() * std
+        if noise is None:
+            noise = self.draw_noise(mean.shape[:-1], device=device, generator=generator)
+        level = torch.randint(0, DIFFUSION_TRAIN_STEPS, mean.shape[:-1], device=device, generator=generator)
+        a = self._levels(level)[..., None]
+        x_t = a.sqrt() * target + (1 - a).sqrt() * noise.float()
+        prediction = self.velocity(x_t, level.float() / DIFFUSION_TRAIN_STEPS, hidden_states).float()
+        return CalmHeadLoss(loss=(prediction - noise.float()).pow(2).sum(-1))
+
+
+CALM_HEADS = {"energy": CalmEnergyHead, "flow": CalmFlowHead, "diffusion": CalmDiffusionHead}
 
 
 

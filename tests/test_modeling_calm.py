@@ -8,7 +8,7 @@ from modeling_calm import CalmAutoencoder, CalmForCausalLM
 from modeling_calm.modeling_calm_heads import zero_init_layers
 from tests.utils import tiny_autoencoder_config, tiny_calm_config
 
-HEADS = ["energy", "flow"]
+HEADS = ["energy", "flow", "diffusion"]
 
 
 def unblock(model):
