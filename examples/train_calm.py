@@ -9,6 +9,9 @@ CALM-M as in the paper (250k steps x 2M tokens, blocks of 8192 tokens, bf16) on 
     torchrun --nproc_per_node 8 examples/train_calm.py --preset calm-m --recipe calm \\
         --autoencoder runs/autoencoder --train_file "pile/train/*.jsonl" --streaming \\
         --validation_file wikitext103_test_documents.jsonl --output_dir runs/calm-m
+Upcycling a trained causal LM of the same vocabulary (its backbone is copied; see README "Upcycling"):
+    python examples/train_calm.py --preset tiny --recipe tiny --autoencoder runs/autoencoder-tiny \
+        --from_causal_lm runs/llama-tiny --train_file wiki300.jsonl --output_dir runs/calm-upcycled
 (CALM-L/XL: `accelerate launch --config_file configuration/accelerate/fsdp.yaml examples/train_calm.py ...` or
 `--deepspeed configuration/deepspeed/zero2.json`; see configuration/README.md.)
 
@@ -55,6 +58,12 @@ class ModelArguments:
         default=None, metadata={"help": "tiny | calm | autoencoder (configuration/training/*.json) or a JSON path."}
     )
     eval_brier: bool = field(default=True, metadata={"help": "Estimate Brier-1..4 and BrierLM during evaluation."})
+    from_causal_lm: str | None = field(
+        default=None,
+        metadata={"help": "Upcycle: copy the backbone (layers, norm, rotary settings, token embedding) of this trained "
+                  "causal LM (folder or Hub id; same vocabulary as the autoencoder) instead of the preset's "
+                  "backbone_config; the head settings still come from the preset."},
+    )
 
 
 @dataclass
@@ -109,7 +118,10 @@ def main():
     backbone = {**preset["backbone_config"], "vocab_size": len(tokenizer), **specials}
     head = {k: v for k, v in preset.items() if k not in FROM_AUTOENCODER}
     head.update(parse_overrides(model_args.config_overrides))
-    model = CalmForCausalLM.from_autoencoder(autoencoder, backbone_config=backbone, **head, **specials)
+    if model_args.from_causal_lm:
+        model = CalmForCausalLM.from_causal_lm(model_args.from_causal_lm, autoencoder=autoencoder, **head, **specials)
+    else:
+        model = CalmForCausalLM.from_autoencoder(autoencoder, backbone_config=backbone, **head, **specials)
     k = model.config.patch_size
     block_size = data_args.block_size or model_context_tokens(model.config)
     set_model_max_length(tokenizer, model.config)  # saved with the model (processing_class) in every checkpoint
