@@ -25,6 +25,12 @@ Real run (the paper's setting: WikiText-103 test, 1024-token blocks, from /work/
 The same command with `--model` set to a transformers causal LM (and `--tokenizer` if the model folder has
 none) scores the baseline on the same blocks.
 
+Several processes (one per GPU, or CPU processes with --device cpu): launch the same command with
+`accelerate launch --num_processes 2 examples/evaluate_brierlm.py ...` or
+`torchrun --nproc_per_node 2 examples/evaluate_brierlm.py ...`. Every process loads the whole model and scores
+every world_size-th batch; the sums are gathered, so the numbers equal a one-process run with the same seeds and
+--batch_size. Only the main process prints and writes --output.
+
 Run from the repository root with the package installed (`pip install -e .`) or with `PYTHONPATH=.`.
 """
 
@@ -32,6 +38,7 @@ import json
 import math
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -95,7 +102,7 @@ def _json_safe(value):
     return value
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {args.dtype!r}.")
@@ -104,10 +111,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.block_size <= BRIER_LM_MAX_N:
         raise ValueError(f"--block_size={args.block_size} must exceed {BRIER_LM_MAX_N}: a position needs "
                          f"{BRIER_LM_MAX_N} true future tokens inside its block.")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun
+        if args.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"--device {args.device!r}: with several processes give cpu or cuda (or nothing); each "
+                             "process takes its own GPU.")
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device == "cpu")  # initializes the process group (gloo on CPUs, else NCCL)
+        device = state.device
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    is_main = state is None or state.is_main_process
+    num_processes = 1 if state is None else state.num_processes
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
 
-    if args.output is not None:  # fail now, not after the whole evaluation
+    if args.output is not None and is_main:  # fail now, not after the whole evaluation
         output_dir = os.path.dirname(os.path.abspath(args.output))
         if os.path.isdir(args.output):
             raise ValueError(f"--output {args.output!r} is a directory; give the path of the JSON file to write.")
@@ -139,12 +158,22 @@ def main(argv: list[str] | None = None) -> dict:
                          f"vocabulary of {vocab}: use the model's own tokenizer (--tokenizer).")
     num_blocks = blocks["input_ids"].shape[0]
     scored_at = f"chunk boundaries (every K={k} tokens)" if is_calm else "every token"
-    print(f"{args.model}: {num_blocks} blocks of {args.block_size} tokens from {args.eval_file}, scored at {scored_at}")
+    if is_main:
+        print(f"{args.model}: {num_blocks} blocks of {args.block_size} tokens from {args.eval_file}, scored at "
+              f"{scored_at}, {num_processes} process(es)")
 
+    start = time.perf_counter()
     result = evaluate_brier(model, blocks, batch_size=args.batch_size, seeds=args.seeds, progress=True)
+    seconds = time.perf_counter() - start
+    if state is not None:
+        state.destroy_process_group()
+    if not is_main:  # the other processes hold the same result; the main one reports it
+        return None
+
 
     keys = [f"brier_{n}" for n in range(1, BRIER_LM_MAX_N + 1)] + ["brier_lm"]
-    print(f"{result['num_positions']} positions per seed, seeds {args.seeds} (mean +- sample std over seeds)")
+    print(f"{result['num_positions']} positions per seed, seeds {args.seeds} (mean +- sample std over seeds), "
+          f"{seconds:.1f} s")
     for key in keys:
         print(f"  {'BrierLM' if key == 'brier_lm' else key:<8} {result['mean'][key]:10.4f} +- {result['std'][key]:.4f}")
     report = {
@@ -158,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": args.seeds,
         "batch_size": args.batch_size,
         "dtype": str(model.dtype).removeprefix("torch."),
-        "device": device,
+        "device": str(device),
+        "num_processes": num_processes,
+        "seconds": seconds,
         "per_seed": result["per_seed"],
         "mean": result["mean"],
         "std": result["std"],

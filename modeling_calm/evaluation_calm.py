@@ -49,6 +49,7 @@ an attention implementation that takes a 4-D float mask ("eager" or "sdpa") and 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import statistics
@@ -425,6 +426,28 @@ def _score_batch(
     return score_causal_lm(model, input_ids, attention_mask, labels, max_n=max_n, generator=generator)
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Seed of the generator that scores batch `batch_index` in the pass of `seed` (`evaluate_brier`).
+
+    A 64-bit BLAKE2b hash of (seed, batch_index): it depends on nothing else (not on the number of processes or on
+    which process scores the batch), and distinct pairs practically never share a seed.
+    """
+    for name, value in (("seed", seed), ("batch_index", batch_index)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if batch_index < 0:
+        raise ValueError(f"batch_index must be >= 0, got {batch_index}.")
+    digest = hashlib.blake2b(f"calm-brier:{seed}:{batch_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialized default torch.distributed process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _accumulate(
     model, blocks: Blocks, batch_size: int, max_n: int, generator: torch.Generator | None, bar: tqdm
 ) -> BrierAccumulator:
@@ -436,6 +459,40 @@ def _accumulate(
             brier, mask = _score_batch(model, batch, max_n, generator)
             accumulator.update(brier, mask)
             bar.update(1)
+    return accumulator
+
+
+def _accumulate_sharded(
+    model, blocks: Blocks, batch_size: int, max_n: int, seed: int, rank: int, world_size: int, bar: tqdm
+) -> BrierAccumulator:
+    """One pass of `seed` over all blocks, split over processes: batch i is scored by process i % world_size with
+    its own generator seeded by `batch_seed(seed, i)`. The per-batch sums of every process are gathered and added
+    in batch order, so every process returns the same accumulator, bit for bit the one a single process gets."""
+    local: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    batches, _ = _iter_batches(blocks, batch_size)
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if index % world_size != rank:
+                continue
+            brier, mask = _score_batch(model, batch, max_n, torch.Generator().manual_seed(batch_seed(seed, index)))
+            one = BrierAccumulator(max_n)
+            one.update(brier, mask)
+            local.append((index, one.sums, one.counts))
+            bar.update(1)
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        torch.distributed.all_gather_object(gathered, local)
+        local = [record for part in gathered for record in part]
+    accumulator = BrierAccumulator(max_n)
+    indices = [index for index, _, _ in local]
+    if len(set(indices)) != len(indices) or sorted(indices) != list(range(len(indices))):
+        raise ValueError(
+            f"The processes scored batches {sorted(indices)}, not each of 0..{len(indices) - 1} once: every process "
+            f"must see the same blocks in the same order."
+        )
+    for _, sums, counts in sorted(local, key=lambda record: record[0]):
+        accumulator.sums += sums
+        accumulator.counts += counts
     return accumulator
 
 
@@ -481,11 +538,23 @@ def evaluate_brier(
     progress: bool = True,
     max_n: int = BRIER_LM_MAX_N,
 ) -> dict:
-    """BrierLM of a model on evaluation blocks, repeated over sampling seeds.
+    """BrierLM of a model on evaluation blocks, repeated over sampling seeds, on one or several processes.
 
-    Each seed re-scores all blocks with `torch.Generator().manual_seed(seed)` (the blocks must come in the same
-    order every pass, so an iterable of batches must be re-iterable: a list or a DataLoader, not a generator). The
-    model is put in eval mode and restored to its previous mode afterwards.
+    Randomness: in the pass of seed s, batch i (the i-th batch of `batch_size` blocks, or the i-th item of an
+    already batched iterable) is scored with its own `torch.Generator().manual_seed(batch_seed(s, i))`, so the
+    result of a seed depends only on the blocks, the batching and the model, not on the number of processes.
+    (Before, one generator per seed ran through all batches in order; the same seed now gives different samples,
+    hence slightly different numbers, than in versions with that scheme.) The blocks must come in the same order
+    every pass and on every process, so an iterable of batches must be re-iterable: a list or a DataLoader (not
+    shuffled), not a generator. The model is put in eval mode and restored to its previous mode afterwards.
+
+    Several processes: when a torch.distributed default process group is initialized (e.g. by
+    `accelerate.PartialState()` under `accelerate launch` or `torchrun`; gloo on CPUs, NCCL on GPUs), batch i is
+    scored by process i % world_size only, and the per-batch Brier sums of all processes are gathered and added in
+    batch order before `compute()`. Every process returns the same dict, equal (exactly, not within a tolerance)
+    to the one a single process returns for the same seeds. Each process must hold the whole model (it is not
+    wrapped or sharded) and see the same `blocks`; the progress bar shows on process 0 only, counting its batches.
+    Without a process group this is a plain one-process loop.
 
     Args:
         model: a model with `score_brier` or a transformers causal LM. blocks: see `score_blocks`.
@@ -511,17 +580,23 @@ def evaluate_brier(
         model.eval()
     pooled = BrierAccumulator(max_n)
     per_seed = []
+    rank, world_size = _process_group()
     _, num_batches = _iter_batches(blocks, batch_size)
-    total = None if num_batches is None else num_batches * len(seeds)
-    bar = tqdm(total=total, disable=not progress, desc="BrierLM")
+    # Batches of this process per pass: indices rank, rank + world_size, ...
+    local_batches = None if num_batches is None else len(range(rank, num_batches, world_size))
+    total = None if local_batches is None else local_batches * len(seeds)
+    bar = tqdm(total=total, disable=not progress or rank != 0, desc="BrierLM")
+    if world_size > 1:
+        logger.info("BrierLM over %d processes (this is process %d).", world_size, rank)
     try:
         for seed in seeds:
-            accumulator = _accumulate(model, blocks, batch_size, max_n, torch.Generator().manual_seed(seed), bar)
+            accumulator = _accumulate_sharded(model, blocks, batch_size, max_n, seed, rank, world_size, bar)
             result = accumulator.compute()
             per_seed.append({"seed": seed, **result})
             pooled.merge(accumulator)
             bar.set_postfix(seed=seed, brier_lm=f"{result['brier_lm']:.3f}")
-            logger.info("BrierLM seed %d: %s", seed, result)
+            if rank == 0:
+                logger.info("BrierLM seed %d: %s", seed, result)
     finally:
         bar.close()
         if was_training and hasattr(model, "train"):

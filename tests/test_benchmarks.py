@@ -288,3 +288,34 @@ def test_gpu_examples_script_rejects_bad_arguments(tmp_path, args, env, message)
                             env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage:"),
+    (["missing.jsonl", "out"], "is not a file"),
+    (["text.jsonl", "out", "3"], "STEPS must be an even whole number >= 2"),
+    (["text.jsonl", "out", "x"], "STEPS must be an even whole number >= 2"),
+])
+def test_gpu_multi_sh_checks_its_arguments(tmp_path, args, message):
+    (tmp_path / "text.jsonl").write_text('{"text": "a"}\n')
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_multi.sh"), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "DRY_RUN": "1"})
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_gpu_multi_sh_dry_run_lists_every_run_and_refuses_a_cpu(tmp_path):
+    (tmp_path / "text.jsonl").write_text('{"text": "a"}\n')
+    command = ["bash", str(ROOT / "benchmarks" / "gpu_multi.sh"), "text.jsonl", "out", "8"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DRY_RUN": "1"})
+    assert result.returncode == 0, result.stderr
+    names = [line.split(":", 1)[0] for line in result.stdout.splitlines() if not line.startswith((" ", "\t"))
+             and ": " in line and line.split(":", 1)[0].replace("_", "").isalnum()]
+    assert names == ["tokenizer", "autoencoder", "ae_ddp1", "ae_ddp2", "calm_ddp1", "calm_ddp2", "fsdp_l",
+                     "fsdp_l_resume", "fsdp_l_load", "calm_ddp2_reduce_overhead", "brier1", "brier2"]
+    assert "checkpoint-4" in result.stdout and "--torch_compile_mode reduce-overhead" in result.stdout
+    assert "--nproc_per_node 2" in result.stdout and "configuration/accelerate/fsdp.yaml" in result.stdout
+    env = {k: v for k, v in os.environ.items() if k != "DRY_RUN"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "needs 2 CUDA GPUs, found 0" in result.stderr, result.stderr

@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_calm.evaluation_calm import (
+    batch_seed,
     evaluate_brier,
     load_text_blocks,
     sample_continuations,
@@ -228,17 +229,33 @@ def test_score_brier_protocol_dispatch():
     assert model.training  # restored
     assert result["num_positions"] == 5 * 4
     for seed, per_seed in zip((3, 4), result["per_seed"]):
-        g = torch.Generator().manual_seed(seed)
-        draws = torch.cat([(torch.rand(b, 4, MAX_N, generator=g) < 0.5).float() for b in (2, 2, 1)])
+        # Batch i of a seed's pass draws from its own generator, seeded by batch_seed(seed, i).
+        draws = torch.cat([(torch.rand(b, 4, MAX_N, generator=torch.Generator().manual_seed(batch_seed(seed, i)))
+                            < 0.5).float() for i, b in enumerate((2, 2, 1))])
         assert per_seed["seed"] == seed
         assert [per_seed[f"brier_{n}"] for n in range(1, 5)] == pytest.approx(draws.mean((0, 1)).tolist())
     values = [r["brier_lm"] for r in result["per_seed"]]
     assert result["mean"]["brier_lm"] == pytest.approx(sum(values) / 2)
     assert result["std"]["brier_lm"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
-    # score_blocks on an iterable of batches (e.g. a DataLoader) gives the same first pass.
+    # An iterable of batches (e.g. a DataLoader) with the same batching gives the same passes.
     batches = [{"input_ids": blocks["input_ids"][i : i + 2], "labels": blocks["labels"][i : i + 2]} for i in (0, 2, 4)]
+    assert evaluate_brier(model, batches, seeds=(3, 4), progress=False)["per_seed"] == result["per_seed"]
+    # score_blocks runs one given generator through all batches in order.
     acc = score_blocks(model, batches, generator=torch.Generator().manual_seed(3))
-    assert acc.compute()["brier_1"] == pytest.approx(result["per_seed"][0]["brier_1"])
+    g = torch.Generator().manual_seed(3)
+    draws = torch.cat([(torch.rand(b, 4, MAX_N, generator=g) < 0.5).float() for b in (2, 2, 1)])
+    assert acc.compute()["brier_1"] == pytest.approx(draws[..., 0].mean().item())
+
+
+def test_batch_seed_depends_on_seed_and_batch_index_only():
+    seeds = {batch_seed(seed, index) for seed in range(20) for index in range(200)}
+    assert len(seeds) == 20 * 200 and all(0 <= s < 2**64 for s in seeds)
+    assert batch_seed(3, 7) == batch_seed(3, 7)
+    assert batch_seed(-1, 0) != batch_seed(1, 0)
+    with pytest.raises(ValueError, match="batch_index must be >= 0, got -1"):
+        batch_seed(0, -1)
+    with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
+        batch_seed(1.5, 0)
 
 
 def word_tokenizer(words: list[str]):
@@ -282,8 +299,11 @@ def test_load_text_blocks_and_evaluate_end_to_end(tmp_path):
     assert set(result["mean"]) == set(result["std"]) == set(result["pooled"]) == keys
     assert all(math.isfinite(v) for v in result["mean"].values())
     assert result["per_seed"][0] != result["per_seed"][1]  # independent seeds
-    again = evaluate_brier(model, blocks, batch_size=3, seeds=(0, 1), progress=False)
-    assert again["per_seed"] == result["per_seed"]  # reproducible, whatever the batching
+    again = evaluate_brier(model, blocks, batch_size=2, seeds=(0, 1), progress=False)
+    assert again["per_seed"] == result["per_seed"]  # reproducible
+    # The batching is part of what a seed means (one generator per batch): another batch size, other samples.
+    rebatched = evaluate_brier(model, blocks, batch_size=3, seeds=(0, 1), progress=False)
+    assert rebatched["num_positions"] == result["num_positions"] and rebatched["per_seed"] != result["per_seed"]
     single = evaluate_brier(model, blocks, batch_size=2, seeds=(0,), progress=False)
     assert single["per_seed"][0] == result["per_seed"][0] and math.isnan(single["std"]["brier_lm"])
 
