@@ -381,12 +381,12 @@ class CalmDiffusionHead(CalmFlowHead):
     def __init__(self, config: CalmConfig):
         super().__init__(config)
         self.num_steps = config.diffusion_num_steps
-        steps = torch.arange(DIFFUSION_TRAIN_STEPS + 1, dtype=torch.float64) / DIFFUSION_TRAIN_STEPS
+        # The schedule in Python floats (models are also built on the meta device, where tensors hold no values).
         offset = 0.008
-        curve = torch.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
-        alpha_bar = (curve[1:] / curve[0]).clamp(min=1e-5, max=1.0)  # level t = 0..999
-        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
-        self._alpha_bar_values = alpha_bar.tolist()
+        curve = [math.cos((t / DIFFUSION_TRAIN_STEPS + offset) / (1 + offset) * math.pi / 2) ** 2
+                 for t in range(DIFFUSION_TRAIN_STEPS + 1)]
+        self._alpha_bar_values = [min(max(c / curve[0], 1e-5), 1.0) for c in curve[1:]]  # level t = 0..999
+        self.register_buffer("alpha_bar", torch.tensor(self._alpha_bar_values), persistent=False)
 
     def _levels(self, t: torch.Tensor) -> torch.Tensor:
         return self.alpha_bar.to(t.device)[t]

@@ -179,8 +179,11 @@ def test_diffusion_head_sample_is_a_function_of_its_noise_and_checks_its_steps()
             head.sample(h, num_steps=bad)
     with pytest.raises(ValueError, match="diffusion_num_steps"):
         tiny_calm_config(head_type="diffusion", diffusion_num_steps=1001)
-    # A zero-initialised head predicts eps = 0: DDIM then returns x_T scaled to sqrt(alpha_bar) ... ending at x0 =
-    # x_T / sqrt(alpha_bar(999)) for one step: a closed form the sampler must reproduce.
+    # A zero-initialised head predicts eps = 0, so one DDIM step from level 999 returns x0 = x_T / sqrt(alpha_bar(999)):
+    # a closed form the sampler must reproduce.
     fresh = CalmDiffusionHead(tiny_calm_config(head_type="diffusion", diffusion_num_steps=1))
+    for layer in zero_init_layers(fresh):  # as CalmPreTrainedModel._init_weights leaves them
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
     expected = noise / fresh.alpha_bar[999].sqrt()
     torch.testing.assert_close(fresh.sample(h, noise=noise), expected)
