@@ -564,6 +564,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         labels: torch.LongTensor | None = None,
         max_n: int = BRIER_LM_MAX_N,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (arXiv 2510.27688,
         section "Likelihood-Free LM Evaluation").
@@ -574,16 +575,21 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         positions. Details in `modeling_calm_brier` and docs/brierlm.md.
 
         Args:
-            input_ids: `[B, T]` right-padded blocks, T a multiple of K.
+            input_ids: `[B, T]` blocks, T a multiple of K.
             labels: `[B, T]` targets (default `input_ids`); a boundary counts only if its max_n targets are inside
                 the block and none is -100.
             max_n: largest n-gram order (BrierLM uses 4).
             generator: the only source of randomness; the head noise is drawn on its device (the CPU for a
                 default `torch.Generator()`) and moved to the model, so a seed gives the same draws anywhere.
+            attention_mask: `[B, T]` token mask (left or right padding). Padding is never scored, nor a boundary
+                whose targets or context run into it (a partly padded chunk is read whole, so boundaries after one
+                do not count); whole padding chunks are masked out, so they never change the other scores.
         Returns:
             `(brier [B, L, max_n] float32, mask [B, L] bool)`.
         """
-        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator)
+        return score_calm_brier(
+            self, input_ids, labels=labels, max_n=max_n, generator=generator, attention_mask=attention_mask
+        )
 
     def score_brier_ref(
         self,
@@ -591,9 +597,13 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         labels: torch.LongTensor | None = None,
         max_n: int = BRIER_LM_MAX_N,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`score_brier` through the slow loop-over-positions reference sampler (same draws, same output)."""
-        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator, reference=True)
+        return score_calm_brier(
+            self, input_ids, labels=labels, max_n=max_n, generator=generator, reference=True,
+            attention_mask=attention_mask,
+        )
 
     @staticmethod
     def _scatter_explicit_noise(noise: torch.Tensor | None, valid: torch.Tensor, name: str) -> torch.Tensor | None:
