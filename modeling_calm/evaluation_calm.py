@@ -25,6 +25,8 @@ Plugging in other models: the `score_brier` protocol
 
     model.score_brier(input_ids, labels=None, max_n=4, generator=None) -> (per_position_brier, mask)
 
+(plus `attention_mask=` [B, T] when its signature takes it, as a CALM's does: then it must never score padding)
+
 with `input_ids` and `labels` LongTensors [B, T] (right-padded blocks; labels of -100 mark tokens that must not
 be targets, padding included; labels None means labels = input_ids), `generator` a `torch.Generator` (on the
 CPU) or None that must be the only source of randomness so that a seed fixes the result, returning
@@ -50,6 +52,7 @@ an attention implementation that takes a 4-D float mask ("eager" or "sdpa") and 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 import statistics
@@ -406,6 +409,15 @@ def _iter_batches(blocks: Blocks, batch_size: int) -> tuple[Iterator[dict], int 
     )
 
 
+def _takes_keyword(function, name: str) -> bool:
+    """Whether `function` accepts the keyword argument `name` (by name or through **kwargs)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _score_batch(
     model, batch: dict, max_n: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,8 +427,12 @@ def _score_batch(
     attention_mask = batch["attention_mask"].to(device) if batch["attention_mask"] is not None else None
     score_brier = getattr(model, "score_brier", None)
     if callable(score_brier):
-        # Protocol models get right-padded blocks; padding is marked by labels of -100 (module docstring).
-        brier, mask = score_brier(input_ids, labels=labels, max_n=max_n, generator=generator)
+        # Protocol models get right-padded blocks; padding is marked by labels of -100 (module docstring), and by
+        # the attention mask for those that take one (a CALM does).
+        extra = {}
+        if attention_mask is not None and _takes_keyword(score_brier, "attention_mask"):
+            extra["attention_mask"] = attention_mask
+        brier, mask = score_brier(input_ids, labels=labels, max_n=max_n, generator=generator, **extra)
         if brier.dim() != 3 or brier.shape[0] != input_ids.shape[0] or brier.shape[-1] != max_n:
             raise ValueError(
                 f"model.score_brier must return per-position estimates of shape [B={input_ids.shape[0]}, P, "

@@ -50,6 +50,52 @@ __all__ = [
 # Said when token ids do not fill whole chunks.
 _OTHER_LENGTHS = " (generate() handles other lengths)"
 
+# Said to clients that ask for token likelihoods (lm-eval's loglikelihood and multiple-choice requests).
+NO_TOKEN_LIKELIHOODS = "CALM has no token likelihoods: only generate_until tasks can run"
+
+# Said when the backbone is called on token ids instead of chunk embeddings.
+BACKBONE_READS_CHUNKS = (
+    "The CALM backbone reads chunk embeddings (inputs_embeds), not token ids: it was called directly, e.g. by TRL's "
+    "SFTTrainer fused LM head, which needs token logits a CALM does not have. Train with CalmTrainer (see "
+    "modeling_calm.sft_calm for instruction data)."
+)
+
+
+def _refuse_token_ids(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the backbone: the CALM forward passes chunk embeddings only (`inputs_embeds=`)."""
+    if kwargs.get("input_ids") is not None or (args and isinstance(args[0], torch.Tensor)):
+        raise ValueError(BACKBONE_READS_CHUNKS)
+    return None
+
+
+def _check_token_values(ids: torch.Tensor, vocab_size: int, name: str, allow_ignore: bool) -> None:
+    """Token ids must be integers in [0, V) (labels may also be -100). The range is checked eagerly only: inside a
+    compiled graph it would be a host sync that splits the graph."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor of token ids, got {type(ids).__name__}.")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {ids.dtype}.")
+    if torch.compiler.is_compiling() or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if allow_ignore:
+        bad &= ids != IGNORE_INDEX
+    if bool(bad.any()):
+        values = sorted({int(v) for v in ids[bad].unique()[:8].tolist()})
+        rule = f"[0, {vocab_size})" + (f" or {IGNORE_INDEX} (not a target)" if allow_ignore else "")
+        raise ValueError(f"`{name}` holds {values}: every entry must be a token id in {rule}, V={vocab_size} the vocabulary size.")
+
+
+def nonfinite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
+    """Names of the first `limit` parameters or buffers holding NaN or infinity (floating-point tensors only)."""
+    bad = []
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor.detach()).all()):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
+
 
 def next_chunk_targets(
     labels: torch.LongTensor, patch_size: int, attention_mask: torch.Tensor | None = None
@@ -160,6 +206,12 @@ class CalmCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
+    @property
+    def logits(self):
+        # Not a field: clients that read token logits (lm-eval's loglikelihood requests) get the reason, not a
+        # generic AttributeError (which `hasattr` would turn into False and ModelOutput's lookup into a KeyError).
+        raise ValueError(NO_TOKEN_LIKELIHOODS)
+
 
 class CalmChunkProjection(nn.Module):
     """Input compression: K token embeddings `[.., K*D]` -> Linear(K*D, 2D) -> SiLU -> Linear(2D, D) -> LayerNorm."""
@@ -249,6 +301,8 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         # The keyword the backbone takes for its KV cache (renamed in transformers 5.24): decided once, here, so a
         # backbone with neither name fails at construction instead of inside a forward.
         self._cache_kwarg = backbone_cache_kwarg(self.model)
+        # A direct call on token ids (TRL's fused LM head) fails here with the reason, not deep inside the library.
+        self.model.register_forward_pre_hook(_refuse_token_ids, with_kwargs=True)
         self.chunk_proj = CalmChunkProjection(config)
         self.head = CALM_HEADS[config.head_type](config)
         # Only classes this instance contains: FSDP's default wrap policy (accelerate) rejects names it cannot find,
@@ -276,6 +330,14 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         return self
 
     def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, refusing weights that hold NaN or infinity (a diverged model, arXiv
+        2510.27688's training is sensitive to it) with a ValueError naming the first such tensors; nothing is written."""
+        bad = nonfinite_parameters(self)
+        if bad:
+            raise ValueError(
+                f"Refusing to save a model with non-finite weights: {bad} hold NaN or infinity (the first "
+                f"{len(bad)} found). The training probably diverged; save an earlier checkpoint instead."
+            )
         # `register_for_auto_class` records one Auto class; the same class also serves AutoModel.
         if self._auto_class is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
@@ -359,6 +421,16 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
     def get_output_embeddings(self):
         return None  # no softmax head: tokens come from the autoencoder's decoder
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
+        """Refused: the frozen autoencoder defines the vocabulary (its embedding and decoder are trained for V
+        tokens), so neither the backbone's embedding nor the autoencoder can be resized alone. The model is left
+        untouched. Train a new autoencoder for another tokenizer."""
+        raise ValueError(
+            f"resize_token_embeddings({new_num_tokens!r}) is not supported by a CALM: the frozen autoencoder defines "
+            f"the vocabulary (V={self.config.vocab_size}) and cannot be resized; nothing was changed. Train an "
+            "autoencoder for the new tokenizer and start a CALM from it (CalmForCausalLM.from_autoencoder)."
+        )
+
     @property
     def patch_size(self) -> int:
         return self.config.patch_size
@@ -426,6 +498,13 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
             past_key_values = cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None:
+            _check_token_values(input_ids, self.get_input_embeddings().num_embeddings, "input_ids", allow_ignore=False)
+            if labels is None and input_ids.dim() == 2 and input_ids.shape[1] % self.config.patch_size:
+                raise ValueError(
+                    NO_TOKEN_LIKELIHOODS + f" (forward() reads whole chunks of K={self.config.patch_size} tokens "
+                    "(a length that is a multiple of patch_size) and returns no token logits; use generate())."
+                )
         if inputs_embeds is None:
             inputs_embeds = self.embed_chunks(input_ids)
         batch, steps = inputs_embeds.shape[:2]
@@ -460,8 +539,10 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
 
         loss = fidelity = diversity = brier = None
         if labels is not None:
+            # With a cache the chunk mask covers past + current chunks; the targets are the current ones.
+            current_mask = chunk_mask[:, -steps:] if chunk_mask is not None else None
             loss, fidelity, diversity, brier = self._next_chunk_loss(
-                hidden, labels, chunk_mask, return_brier, noise, target_noise, generator
+                hidden, labels, current_mask, return_brier, noise, target_noise, generator
             )
         return CalmCausalLMOutput(
             loss=loss,
@@ -483,6 +564,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         labels: torch.LongTensor | None = None,
         max_n: int = BRIER_LM_MAX_N,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (arXiv 2510.27688,
         section "Likelihood-Free LM Evaluation").
@@ -493,16 +575,21 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         positions. Details in `modeling_calm_brier` and docs/brierlm.md.
 
         Args:
-            input_ids: `[B, T]` right-padded blocks, T a multiple of K.
+            input_ids: `[B, T]` blocks, T a multiple of K.
             labels: `[B, T]` targets (default `input_ids`); a boundary counts only if its max_n targets are inside
                 the block and none is -100.
             max_n: largest n-gram order (BrierLM uses 4).
             generator: the only source of randomness; the head noise is drawn on its device (the CPU for a
                 default `torch.Generator()`) and moved to the model, so a seed gives the same draws anywhere.
+            attention_mask: `[B, T]` token mask (left or right padding). Padding is never scored, nor a boundary
+                whose targets or context run into it (a partly padded chunk is read whole, so boundaries after one
+                do not count); whole padding chunks are masked out, so they never change the other scores.
         Returns:
             `(brier [B, L, max_n] float32, mask [B, L] bool)`.
         """
-        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator)
+        return score_calm_brier(
+            self, input_ids, labels=labels, max_n=max_n, generator=generator, attention_mask=attention_mask
+        )
 
     def score_brier_ref(
         self,
@@ -510,9 +597,13 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         labels: torch.LongTensor | None = None,
         max_n: int = BRIER_LM_MAX_N,
         generator: torch.Generator | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`score_brier` through the slow loop-over-positions reference sampler (same draws, same output)."""
-        return score_calm_brier(self, input_ids, labels=labels, max_n=max_n, generator=generator, reference=True)
+        return score_calm_brier(
+            self, input_ids, labels=labels, max_n=max_n, generator=generator, reference=True,
+            attention_mask=attention_mask,
+        )
 
     @staticmethod
     def _scatter_explicit_noise(noise: torch.Tensor | None, valid: torch.Tensor, name: str) -> torch.Tensor | None:
@@ -541,6 +632,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
     def _next_chunk_loss(self, hidden, labels, chunk_mask, return_brier, noise, target_noise, generator):
         k = self.config.patch_size
         check_token_ids(labels, k, "labels", hint=_OTHER_LENGTHS)
+        _check_token_values(labels, self.config.vocab_size, "labels", allow_ignore=True)
         if labels.shape[0] != hidden.shape[0] or labels.shape[1] != hidden.shape[1] * k:
             raise ValueError(
                 f"`labels` shape {tuple(labels.shape)} must match the input: [{hidden.shape[0]}, {hidden.shape[1] * k}]."
@@ -551,7 +643,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         # and the CPU can queue kernels ahead of the GPU. Packed pre-training has (almost) every position valid.
         valid = valid.flatten()  # [P], P = B*(L-1), in (batch, step) order
         hidden_all = hidden[:, :-1].flatten(0, 1)  # [P, D]
-        targets = label_chunks.flatten(0, 1).clamp(min=0)  # [P, K]; ignored chunks become some token, then weight 0
+        targets = label_chunks.flatten(0, 1).clamp(min=0)  # [P, K]; -100 (the only negative label allowed) becomes some token, then weight 0
         noise = self._scatter_explicit_noise(noise, valid, "noise")
         target_noise = self._scatter_explicit_noise(target_noise, valid, "target_noise")
         weights = valid.float()

@@ -38,6 +38,7 @@ __all__ = [
     "PAD_SAMPLE",
     "BrierAccumulator",
     "brier_indicators",
+    "brier_chunk_masks",
     "brier_lm",
     "brier_num_positions",
     "brier_num_steps",
@@ -345,7 +346,9 @@ def brier_num_positions(num_tokens: int, patch_size: int, max_n: int = BRIER_LM_
     return max(num_tokens - max_n, 0) // patch_size
 
 
-def _check_inputs(model, input_ids: torch.Tensor, labels: torch.Tensor | None, max_n: int) -> int:
+def _check_inputs(
+    model, input_ids: torch.Tensor, labels: torch.Tensor | None, max_n: int, attention_mask: torch.Tensor | None = None
+) -> int:
     check_max_n(max_n)
     k = model.config.patch_size
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -359,7 +362,31 @@ def _check_inputs(model, input_ids: torch.Tensor, labels: torch.Tensor | None, m
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}.")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(
+            f"attention_mask must be a token mask of the shape of input_ids {tuple(input_ids.shape)}, got {shape}."
+        )
     return k
+
+
+def brier_chunk_masks(attention_mask: torch.Tensor | None, patch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Which chunks a CALM sees and at which boundaries its context is clean, from a token mask `[B, T]`.
+
+    Returns None without a mask, else `(seen [B, L], clean [B, L])` bools: `seen` marks chunks with at least one
+    real token (whole padding chunks are masked out of attention, as in the forward); `clean[b, i]` is True iff
+    chunk i is all real and no chunk 0..i is part padding (the model reads a chunk whole, so a partly padded
+    chunk in the context would be read as text, unlike a token LM, which masks each padding token).
+    """
+    if attention_mask is None:
+        return None
+    real = (attention_mask != 0).reshape(attention_mask.shape[0], -1, patch_size)  # [B, L, K]
+    seen, full = real.any(-1), real.all(-1)
+    partial = seen & ~full
+    clean = full & (partial.long().cumsum(-1) == 0)
+    return seen, clean
 
 
 def draw_brier_noise(
@@ -403,6 +430,7 @@ def sample_brier_continuations(
     max_n: int = BRIER_LM_MAX_N,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Two independent continuations of at least max_n tokens at every chunk boundary (fast, batched path).
 
@@ -413,12 +441,15 @@ def sample_brier_continuations(
         noise (`torch.FloatTensor` of shape `[B, L, 2, R, E]`, *optional*): head noise (see `draw_brier_noise`);
             drawn from `generator` when None.
         generator (`torch.Generator`, *optional*): source of `noise`.
+        attention_mask (`torch.Tensor` of shape `[B, T]`, *optional*): token mask; whole padding chunks are masked
+            out of attention and positions count real chunks only (see `brier_chunk_masks`).
 
     Returns:
         `torch.LongTensor` of shape `[B, L, 2, R*K]`: `samples[b, i, s]` continues tokens 0..(i+1)K-1 of block
-        b. Boundaries whose max_n targets run past the block end hold -1 (they are never sampled).
+        b. Boundaries whose max_n targets run past the block end, or that are padding chunks, hold -1.
     """
-    k = _check_inputs(model, input_ids, None, max_n)
+    k = _check_inputs(model, input_ids, None, max_n, attention_mask)
+    chunk_masks = brier_chunk_masks(attention_mask, k)
     noise = _prepare_noise(model, input_ids, max_n, noise, generator)
     batch, length = input_ids.shape
     num_chunks, steps = length // k, brier_num_steps(k, max_n)
@@ -432,13 +463,14 @@ def sample_brier_continuations(
             model.model.config, f"The fast CALM Brier sampler (K={k} < max_n={max_n})", "score_brier_ref"
         )
 
-    out = model(input_ids=input_ids, use_cache=steps > 1)
+    seen = None if chunk_masks is None else chunk_masks[0]  # [B, L]
+    out = model(input_ids=input_ids, attention_mask=None if seen is None else seen.long(), use_cache=steps > 1)
     hidden = out.last_hidden_state[:, :positions]  # [B, U, D]: h_i after chunks 0..i
     hidden = hidden[:, :, None].expand(-1, -1, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
     tokens = _sample_chunks(model, hidden, noise[:, :positions, :, 0])  # [B, U, 2, K]
     samples[:, :positions, :, :k] = tokens
     if steps == 1:
-        return samples
+        return _blank_padding(samples, seen)
     cache = output_cache(out)
     if cache is None:
         raise ValueError("The backbone returned no KV cache; the fast CALM Brier sampler needs a KV cache.")
@@ -447,16 +479,21 @@ def sample_brier_continuations(
     dtype = out.last_hidden_state.dtype
     # Prefix visibility [2U, L]: row (i, s) sees chunks 0..i of the block (already in the cache).
     causal = torch.arange(num_chunks, device=device)[None, :] <= torch.arange(positions, device=device)[:, None]
-    prefix = causal.repeat_interleave(NUM_BRIER_SAMPLES, dim=0)
-    row_positions = torch.arange(positions, device=device).repeat_interleave(NUM_BRIER_SAMPLES)  # [2U]: i per row
+    prefix = causal.repeat_interleave(NUM_BRIER_SAMPLES, dim=0)[None].expand(batch, -1, -1)  # [B, 2U, L]
+    if seen is None:
+        chunk_positions = torch.arange(num_chunks, device=device)[None].expand(batch, -1)  # [B, L]
+    else:
+        prefix = prefix & seen[:, None, :]  # padding chunks are never seen
+        chunk_positions = (seen.long().cumsum(-1) - 1).clamp(min=0)  # as the forward counts them
+    row_positions = chunk_positions[:, :positions].repeat_interleave(NUM_BRIER_SAMPLES, dim=1)  # [B, 2U]
     for step in range(1, steps):
         # Keys: L prefix chunks, then `step` appended groups (the last is this step's input).
-        additive = continuation_attention_mask(prefix, step, dtype)  # [2U, L + 2U * step]
+        additive = continuation_attention_mask(prefix, step, dtype)  # [B, 2U, L + 2U * step]
         embeds = model.embed_chunks(tokens.reshape(batch, rows * k))  # previous chunk of each row -> [B, 2U, D]
         out = model.model(
             inputs_embeds=embeds,
-            attention_mask=additive[None, None].expand(batch, 1, -1, -1),  # [B, 1, 2U, L + 2U * step]
-            position_ids=(row_positions + step)[None].expand(batch, -1),  # continuation chunk of row (i, s) at i + step
+            attention_mask=additive[:, None],  # [B, 1, 2U, L + 2U * step]
+            position_ids=row_positions + step,  # continuation chunk of row (i, s) at i + step
             use_cache=True,
             **{model._cache_kwarg: cache},
         )
@@ -464,7 +501,14 @@ def sample_brier_continuations(
         hidden = out.last_hidden_state.view(batch, positions, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
         tokens = _sample_chunks(model, hidden, noise[:, :positions, :, step])  # [B, U, 2, K]
         samples[:, :positions, :, step * k : (step + 1) * k] = tokens
-    return samples
+    return _blank_padding(samples, seen)
+
+
+def _blank_padding(samples: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    """PAD_SAMPLE at the boundaries that are padding chunks (`seen` False): they are never scored."""
+    if seen is None:
+        return samples
+    return samples.masked_fill(~seen.to(samples.device)[:, :, None, None], PAD_SAMPLE)
 
 
 @torch.no_grad()
@@ -474,22 +518,29 @@ def sample_brier_continuations_ref(
     max_n: int = BRIER_LM_MAX_N,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Slow, obviously correct reference for `sample_brier_continuations` (same arguments, same output).
 
     For every block, boundary and sample, the context grows one decoded chunk at a time and each step is a plain
     cache-free forward over the context; the head samples on the last hidden state with the same noise entry as
-    the fast path. Cost: B * U * 2 * R forwards.
+    the fast path. With an `attention_mask`, the context holds only the chunks that are not all padding (which is
+    what masking them out and counting positions over real chunks means). Cost: B * U * 2 * R forwards.
     """
-    k = _check_inputs(model, input_ids, None, max_n)
+    k = _check_inputs(model, input_ids, None, max_n, attention_mask)
+    chunk_masks = brier_chunk_masks(attention_mask, k)
     noise = _prepare_noise(model, input_ids, max_n, noise, generator)
     batch, length = input_ids.shape
     steps = brier_num_steps(k, max_n)
     samples = torch.full((batch, length // k, NUM_BRIER_SAMPLES, steps * k), PAD_SAMPLE, dtype=torch.long)
     for b in range(batch):
         for i in range(brier_num_positions(length, k, max_n)):
+            if chunk_masks is not None and not bool(chunk_masks[0][b, i]):
+                continue  # a padding chunk: never scored
             for s in range(NUM_BRIER_SAMPLES):
                 context = input_ids[b, : (i + 1) * k]  # chunks 0..i
+                if chunk_masks is not None:
+                    context = context.view(-1, k)[chunk_masks[0][b, : i + 1]].flatten()  # real chunks only
                 for step in range(steps):
                     hidden = model(input_ids=context[None]).last_hidden_state[0, -1]  # [D]
                     latent = model.head.sample(hidden, noise=noise[b, i, s, step])  # [Z]
@@ -523,6 +574,7 @@ def score_calm_brier(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     reference: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-boundary Brier-1..max_n estimates of a CALM (the `score_brier` protocol of `evaluation_calm`).
 
@@ -535,15 +587,26 @@ def score_calm_brier(
         generator (`torch.Generator`, *optional*): the only source of randomness (see the module docstring).
         noise (`torch.FloatTensor` of shape `[B, L, 2, R, E]`, *optional*): explicit head noise (tests).
         reference (`bool`, *optional*): use the slow reference sampler.
+        attention_mask (`torch.Tensor` of shape `[B, T]`, *optional*): 1 on real tokens, 0 on padding (left or
+            right). Padding is never a target and never scored; whole padding chunks are masked out of attention.
 
     Returns:
         `(brier, mask)`: float32 [B, L, max_n] per-boundary estimates (0 where masked) and bool [B, L], True at
-        the boundaries that count (all max_n targets inside the block and not -100).
+        the boundaries that count: all max_n targets inside the block, real and not -100, and (with a mask) a
+        context of whole real chunks ending in a real chunk (`brier_chunk_masks`). Boundary i is the token LM's
+        position t = (i+1)K - 1, so on right-padded or whole-chunk-padded text both kinds score the same tokens.
     """
-    k = _check_inputs(model, input_ids, labels, max_n)
+    k = _check_inputs(model, input_ids, labels, max_n, attention_mask)
     sampler = sample_brier_continuations_ref if reference else sample_brier_continuations
-    samples = sampler(model, input_ids, max_n=max_n, noise=noise, generator=generator)  # [B, L, 2, R*K]
+    samples = sampler(  # [B, L, 2, R*K]
+        model, input_ids, max_n=max_n, noise=noise, generator=generator, attention_mask=attention_mask
+    )
+    if attention_mask is not None:  # padding is never a target
+        labels = (input_ids if labels is None else labels).masked_fill(attention_mask == 0, IGNORE_INDEX)
     targets, valid = brier_targets(input_ids, labels, k, max_n)
     targets, valid = targets.to(samples.device), valid.to(samples.device)
+    chunk_masks = brier_chunk_masks(attention_mask, k)
+    if chunk_masks is not None:
+        valid &= chunk_masks[1].to(valid.device)
     brier = brier_indicators(samples[:, :, 0, :max_n], samples[:, :, 1, :max_n], targets, max_n=max_n, mask=valid)
     return brier, valid
