@@ -28,7 +28,12 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from .configuration_calm import CalmConfig
-from .modeling_calm_autoencoder import CalmAutoencoder, check_token_ids
+from .modeling_calm_autoencoder import (
+    CalmAutoencoder,
+    check_token_ids,
+    checked_from_pretrained,
+    resolve_device_map_strategy,
+)
 from .modeling_calm_brier import BRIER_LM_MAX_N, IGNORE_INDEX, brier_indicators, score_calm_brier
 from .modeling_calm_compat import OUTPUT_CACHE_FIELD, backbone_cache_kwarg, output_cache, with_cache_field
 from .modeling_calm_generation import CalmGenerationMixin
@@ -241,6 +246,22 @@ class CalmPreTrainedModel(PreTrainedModel):
     # The forward computes its own per-batch mean loss: the Trainer must scale it for gradient accumulation
     # (a `**kwargs` forward would otherwise make it pass `num_items_in_batch` and skip that).
     accepts_loss_kwargs = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, checked (the loading rules of `modeling_calm_autoencoder`).
+
+        A key of the checkpoint that the model lacks, or one of the model that the checkpoint lacks (the frozen
+        autoencoder, the head, the input compression or the backbone would keep random weights), or one with
+        another shape, is a ValueError naming the keys; integer/bool tensors for floating weights too.
+        `ignore_mismatched_sizes=True` re-initialises mismatched keys except the autoencoder's. `device_map`
+        strategies ("auto", ...) keep the autoencoder whole on one device. Returns the model, or
+        `(model, loading_info)` with `output_loading_info=True`.
+        """
+        resolve_device_map_strategy(cls, pretrained_model_name_or_path, kwargs)
+        return checked_from_pretrained(
+            super().from_pretrained, pretrained_model_name_or_path, model_args, kwargs, strict_prefixes=("autoencoder.",)
+        )
 
     @property
     def is_gradient_checkpointing(self) -> bool:

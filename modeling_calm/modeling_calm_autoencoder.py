@@ -15,6 +15,9 @@ sampling, latent dropout, and a KL term clamped per dimension from below ("KL cl
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,8 @@ __all__ = [
     "CalmAutoencoderPreTrainedModel",
     "CalmRMSNorm",
     "MAX_LOGITS_PER_BLOCK",
+    "check_checkpoint_dtypes",
+    "check_loading_info",
     "check_token_ids",
 ]
 
@@ -69,6 +74,11 @@ class CalmAutoencoderOutput(ModelOutput):
         kl_loss: clamped KL, summed over Z and averaged over chunks.
         latent_mean, latent_log_std: `[B, L, Z]` posterior parameters.
         latents: `[B, L, Z]` the latents that were decoded.
+        last_hidden_state: `[B, T, Z]` every token's chunk code: token t carries the posterior mean of its chunk
+            t // K. A mean over the attention mask (sentence-transformers' mean pooling) is then the mean of the
+            chunk codes, each chunk weighted by its number of real tokens (all equal when the text fills whole
+            chunks; whole padding chunks never count) -- the pooled chunk embedding of arXiv 2510.27688's
+            autoencoder.
     """
 
     loss: torch.FloatTensor | None = None
@@ -79,6 +89,7 @@ class CalmAutoencoderOutput(ModelOutput):
     latent_mean: torch.FloatTensor | None = None
     latent_log_std: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
 
 
 class CalmRMSNorm(nn.Module):
@@ -205,6 +216,13 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, checked: every key of the autoencoder must be in the checkpoint, with
+        its shape, and no other (ValueError naming the keys), and no integer/bool tensor may fill a floating
+        weight. Returns the model, or `(model, loading_info)` with `output_loading_info=True`."""
+        return checked_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, model_args, kwargs)
+
     @property
     def patch_size(self) -> int:
         return self.config.patch_size
@@ -227,9 +245,11 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
             `(latent_mean, latent_log_std)`, each `[B, T / K, Z]`. The mean is the deterministic chunk code.
         """
         check_token_ids(input_ids, self.config.patch_size)
-        batch = input_ids.shape[0]
-        mean, log_std = self.encoder(input_ids.reshape(-1, self.config.patch_size))
-        return mean.view(batch, -1, mean.shape[-1]), log_std.view(batch, -1, log_std.shape[-1])
+        k = self.config.patch_size
+        # Explicit sizes: a batch of zero rows (no target chunk at all) has no size to infer for a -1.
+        batch, chunks, latent = input_ids.shape[0], input_ids.shape[1] // k, self.config.latent_size
+        mean, log_std = self.encoder(input_ids.reshape(batch * chunks, k))
+        return mean.view(batch, chunks, latent), log_std.view(batch, chunks, latent)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Logits of the K tokens of every latent.
@@ -332,12 +352,21 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
 
         loss = reconstruction_loss = kl_loss = None
         if labels is not None:
-            reconstruction_loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), flat_targets, ignore_index=-100
-            )
+            flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+            if valid.any():
+                reconstruction_loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
+            else:
+                # No labelled token: cross_entropy's mean over nothing is NaN. A zero that stays attached to the
+                # graph lets a training step run (and change nothing) instead of poisoning the weights.
+                reconstruction_loss = flat_logits.sum() * 0.0
             # KL(q || N(0, I)) per dimension, clamped from below ("KL clipping"), summed over Z, mean over chunks.
             kl = 0.5 * (mean.float().pow(2) + torch.exp(2 * log_std.float()) - 1 - 2 * log_std.float())
-            kl_loss = kl.clamp(min=config.kl_clamp).sum(-1).mean()
+            # Chunks without any labelled token (padding, fully ignored) are left out, as in the reconstruction term.
+            chunk_has_target = valid.view(mean.shape[0], mean.shape[1], config.patch_size).any(-1)  # [B, L]
+            kl_per_chunk = kl.clamp(min=config.kl_clamp).sum(-1)  # [B, L]
+            kl_loss = torch.where(chunk_has_target, kl_per_chunk, torch.zeros_like(kl_per_chunk)).sum() / (
+                chunk_has_target.sum().clamp(min=1)
+            )
             if self.training:
                 loss = config.patch_size * reconstruction_loss + config.kl_weight * kl_loss
             else:
@@ -352,4 +381,161 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
             latent_mean=mean,
             latent_log_std=log_std,
             latents=latents,
+            last_hidden_state=mean.repeat_interleave(config.patch_size, dim=1),
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checked loading: a CALM's frozen autoencoder is never trained again, so a tensor that is missing from a checkpoint
+# (and would be left at its random initialisation) or one whose dtype cannot hold trained weights is an error.
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors dtype names of integer and bool tensors: cast into a floating parameter they carry no trained weights.
+_NON_FLOAT_SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
+# Hub arguments of `from_pretrained` that locate the checkpoint files.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# The strategies transformers resolves through accelerate (any other string names a device).
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+# Keys a loading error names per kind (a checkpoint without its autoencoder misses dozens).
+_MAX_KEYS_NAMED = 16
+
+
+def check_loading_info(model_name: str, info, ignore_mismatched_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise a ValueError naming every missing, unexpected or mismatched key of transformers' loading report.
+
+    `info` is what `from_pretrained(..., output_loading_info=True)` returns; transformers has already removed the
+    keys it treats as ignorable (non-persistent buffers, `_keys_to_ignore_on_load_*`) and the tied copies.
+    Mismatched keys under `ignore_mismatched_prefixes` pass (the caller asked for `ignore_mismatched_sizes=True`).
+    """
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = info.get(kind) if isinstance(info, dict) else getattr(info, kind, None)
+        names = sorted(key if isinstance(key, str) else key[0] for key in (keys or ()))
+        if kind == "mismatched_keys" and ignore_mismatched_prefixes:
+            names = [name for name in names if not name.startswith(ignore_mismatched_prefixes)]
+        if names:
+            shown = ", ".join(names[:_MAX_KEYS_NAMED]) + (
+                f", ... ({len(names)} in all)" if len(names) > _MAX_KEYS_NAMED else ""
+            )
+            problems.append(f"{len(names)} {kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise ValueError(
+            f"The checkpoint does not match {model_name}: every tensor must be in it with the model's name and shape, "
+            f"or loading would keep random weights ({'; '.join(problems)}). Check that the folder holds the "
+            "complete model (for a CALM: autoencoder, backbone, input compression and head)."
+        )
+
+
+def _safetensors_dtypes(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors dtype name, read from the file's JSON header (8-byte little-endian length)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return {name: entry["dtype"] for name, entry in header.items()}
+
+
+def _checkpoint_safetensors_files(pretrained_model_name_or_path, kwargs: dict) -> list[str]:
+    """The local paths of the safetensors files `from_pretrained` read (a single file or the shards of an index)."""
+    from transformers.utils import cached_file
+
+    hub = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+    lookup = dict(hub, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    path = str(pretrained_model_name_or_path)
+    if os.path.isfile(path):
+        return [path] if path.endswith(".safetensors") else []
+    single = cached_file(path, "model.safetensors", **lookup)
+    if single is not None:
+        return [single]
+    index = cached_file(path, "model.safetensors.index.json", **lookup)
+    if index is None:
+        return []
+    with open(index) as handle:
+        shards = sorted(set(json.load(handle)["weight_map"].values()))
+    return [file for file in (cached_file(path, shard, **lookup) for shard in shards) if file is not None]
+
+
+def check_checkpoint_dtypes(model: nn.Module, pretrained_model_name_or_path, kwargs: dict) -> None:
+    """Refuse integer or bool checkpoint tensors loaded into floating parameters (the cast would hide a broken
+    checkpoint: such a tensor never held trained weights)."""
+    try:
+        files = _checkpoint_safetensors_files(pretrained_model_name_or_path, kwargs)
+    except (OSError, ValueError) as error:  # the load itself succeeded; only the header lookup failed
+        logger.warning(f"Could not read the safetensors headers of {pretrained_model_name_or_path} ({error}).")
+        return
+    targets = dict(model.named_parameters())
+    targets.update(model.named_buffers())
+    bad = []
+    for file in files:
+        for name, dtype in _safetensors_dtypes(file).items():
+            target = targets.get(name)
+            if target is not None and dtype in _NON_FLOAT_SAFETENSORS_DTYPES and target.is_floating_point():
+                bad.append(f"{name} ({dtype} -> {target.dtype})")
+    if bad:
+        raise ValueError(
+            f"The checkpoint stores integer or bool tensors for floating parameters of {type(model).__name__}: "
+            f"{', '.join(sorted(bad))}. Casting them would lose the information of trained weights (the checkpoint "
+            "is corrupted or was converted wrongly); write the weights in a floating dtype."
+        )
+
+
+def checked_from_pretrained(load, pretrained_model_name_or_path, model_args, kwargs: dict, strict_prefixes=("",)):
+    """`load(...)` (a `PreTrainedModel.from_pretrained`) followed by the key and dtype checks above.
+
+    Returns what the caller asked for: the model, or `(model, loading_info)` with `output_loading_info=True`.
+    Keys under `strict_prefixes` are refused even when mismatched sizes were allowed.
+    """
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = load(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+    lenient = ()
+    if kwargs.get("ignore_mismatched_sizes"):
+        keys = info.get("mismatched_keys") if isinstance(info, dict) else getattr(info, "mismatched_keys", ())
+        lenient = tuple(
+            {key[0] for key in keys or () if not any(key[0].startswith(prefix) for prefix in strict_prefixes)}
+        )
+    check_loading_info(type(model).__name__, info, ignore_mismatched_prefixes=lenient)
+    check_checkpoint_dtypes(model, pretrained_model_name_or_path, kwargs)
+    return (model, info) if want_info else model
+
+
+def resolve_device_map_strategy(cls, pretrained_model_name_or_path, kwargs: dict) -> None:
+    """Turn `device_map="auto"` (or another accelerate strategy) into an explicit map, in `kwargs`.
+
+    transformers sizes tied modules by matching module names as substrings, so a top-level module named `head`
+    "contains" `autoencoder.lm_head.weight` and the sizing fails with an IndexError. Every tie of a CALM lies
+    inside one module (the autoencoder's embedding / output projection): that module is kept whole on one
+    device and the map is inferred without the tie groups, with the same memory rules transformers applies.
+    """
+    strategy = kwargs.get("device_map")
+    if not isinstance(strategy, str) or strategy not in _DEVICE_MAP_STRATEGIES:
+        return
+    from transformers import PretrainedConfig
+    from transformers.integrations.accelerate import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    config = kwargs.get("config")
+    if not isinstance(config, PretrainedConfig):
+        hub = {key: kwargs[key] for key in _HUB_KWARGS if kwargs.get(key) is not None}
+        config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
+    with torch.device("meta"):
+        meta = cls(config)
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "auto"))
+    if dtype == "auto" or dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    meta.to(dtype)
+    no_split = set(meta._no_split_modules or ())
+    for target, source in meta.all_tied_weights_keys.items():
+        common = os.path.commonprefix([target.split("."), source.split(".")])
+        if common:
+            no_split.add(type(meta.get_submodule(".".join(common))).__name__)
+    max_memory = kwargs.get("max_memory")
+    if strategy == "sequential":
+        max_memory = get_max_memory(max_memory)
+    else:
+        max_memory = get_balanced_memory(
+            meta, max_memory=max_memory, no_split_module_classes=list(no_split), low_zero=strategy == "balanced_low_0"
+        )
+    kwargs["device_map"] = infer_auto_device_map(
+        meta, max_memory=max_memory, no_split_module_classes=list(no_split), tied_parameters=[[]]
+    )
+    logger.info(f"device_map={strategy!r} resolved to {kwargs['device_map']}")
