@@ -66,8 +66,8 @@ CALM_GENERATION_DEFAULTS = {
     # None: DEFAULT_CANDIDATE_MEMORY. Not saved unless set.
     "calm_max_candidate_memory": None,
 }
-# 4 GiB: the paper's N = 200 at batch 64 on a CALM-M sized model is estimated well below it, while N = 10^6 on a
-# tiny model (8.4 GB, 75 s per call when tried) is refused.
+# 4 GiB: the paper's N = 200 at batch 64 on a CALM-M sized model is estimated at about 1.8 GiB, while N = 10^6 on
+# a tiny model (8.4 GB, 75 s per call when tried; estimated 5.6 GiB) is refused.
 DEFAULT_CANDIDATE_MEMORY = 4 * 2**30
 SAMPLING_METHODS = ("approximate", "exact")
 # Used when neither max_new_tokens nor max_length is given (transformers' default max_length is 20 in total).
@@ -693,7 +693,9 @@ class CalmGenerationMixin:
             + 2 * config.latent_size
             + config.patch_size * (3 * ae.hidden_size + ae.intermediate_size)
         )
-        return 4 * batch * num_candidates * per_candidate  # float32
+        selection = 8 * (2 * config.patch_size + 10)  # int64/float64 work of the pick: sorted chunks, counts, levels
+        # float32, x2: a layer's input and output are alive together.
+        return batch * num_candidates * (2 * 4 * per_candidate + selection)
 
     def _calm_check_candidate_memory(self, batch: int, settings: dict) -> None:
         num = settings["calm_num_candidates"]
