@@ -191,8 +191,8 @@ def test_do_sample_false_is_deterministic_zero_noise(head_type, warnings_seen):
 
 def test_a_users_generation_config_keeps_the_models_pad_and_eos(model):
     assert model.generation_config.eos_token_id == EOS and model.generation_config.pad_token_id == PAD
-    gc, _ = model._calm_settings(GenerationConfig(max_new_tokens=12, num_return_sequences=2), {}, {})
-    assert (gc.pad_token_id, gc.eos_token_id, gc.max_new_tokens, gc.num_return_sequences) == (PAD, EOS, 12, 2)
+    gc, _ = model._calm_settings(GenerationConfig(max_new_tokens=12, max_time=30.0), {}, {})
+    assert (gc.pad_token_id, gc.eos_token_id, gc.max_new_tokens, gc.max_time) == (PAD, EOS, 12, 30.0)
     ids = torch.tensor(random_rows([8], seed=42))
     merged = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=12), seed=5)
     reference = model.generate(ids, max_new_tokens=12, seed=5)
