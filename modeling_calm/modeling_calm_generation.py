@@ -19,7 +19,8 @@ Shape letters: those of `modeling_calm` (C prompt chunks, G decoding steps, N ca
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
@@ -47,6 +48,7 @@ __all__ = [
     "CalmDecodingState",
     "CalmGenerateOutput",
     "CalmGenerationMixin",
+    "CalmNonFiniteError",
 ]
 
 # CALM's own generation settings, saved in generation_config.json under these names. They are not transformers'
@@ -60,7 +62,13 @@ CALM_GENERATION_DEFAULTS = {
     "calm_stop_on_bos": True,  # a generated BOS (a new document) stops the row, like an EOS
     "calm_compile": None,  # None: compile the decoding step on CUDA; True/False: force
     "calm_compile_mode": "reduce-overhead",
+    # Refuse a step whose N candidates would need more memory than this many bytes (estimate: `_calm_candidate_memory`);
+    # None: DEFAULT_CANDIDATE_MEMORY. Not saved unless set.
+    "calm_max_candidate_memory": None,
 }
+# 4 GiB: the paper's N = 200 at batch 64 on a CALM-M sized model is estimated at about 1.8 GiB, while N = 10^6 on
+# a tiny model (8.4 GB, 75 s per call when tried; estimated 5.6 GiB) is refused.
+DEFAULT_CANDIDATE_MEMORY = 4 * 2**30
 SAMPLING_METHODS = ("approximate", "exact")
 # Used when neither max_new_tokens nor max_length is given (transformers' default max_length is 20 in total).
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -122,14 +130,51 @@ class CalmDecodingPlan:
     want_latents: bool
 
 
+class _CalmLock:
+    """The per-model lock of compiled decoding: a `threading.Lock` that a copy or a pickle of the model gets fresh
+    and unlocked (a plain lock cannot be deep-copied or pickled, and a shared one would tie copies together)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+
+    def __reduce__(self):
+        return (_CalmLock, ())
+
+
+# Guards the lazy creation of a model's decoding state (so two first calls do not create two locks).
+_STATE_CREATION_LOCK = threading.Lock()
+
+
 @dataclass
 class CalmDecodingState:
-    """What a model keeps between `generate` calls (one per model, `CalmGenerationMixin._calm_state`)."""
+    """What a model keeps between `generate` calls (one per model, `CalmGenerationMixin._calm_state`).
 
+    Compiled decoding reuses `static_cache` (and the graphs keep its addresses), so two threads decoding the same
+    shapes would overwrite each other's cache: every use of it, and compilation, runs under `lock`. A copy or a
+    pickle of the model starts with a fresh state (its own cache and lock).
+    """
+
+    lock: _CalmLock = field(default_factory=_CalmLock)  # held around everything compiled decoding shares
     static_cache: StaticCache | None = None  # reused by compiled decoding: the graphs keep its addresses
     static_cache_key: tuple | None = None  # (batch, length, dtype, device) it was built for
     compile_failed: bool = False  # compiling or running the compiled step failed once: stay eager
     last_decoding: str | None = None  # which path the last call took (`model.calm_last_decoding`)
+
+    def __reduce__(self):
+        return (CalmDecodingState, ())
+
+
+class CalmNonFiniteError(ValueError):
+    """`generate` met a non-finite (NaN or inf) hidden state or latent: the tokens would be meaningless."""
 
 
 class _CalmStops:
@@ -206,6 +251,14 @@ def _compiled_step(mode: str):
     "backend:NAME" for a torch.compile backend with its default mode ("backend:eager" traces with dynamo but runs
     eagerly: a quick check of the traced path, used by the tests).
     """
+    with _COMPILED_STEPS_LOCK:
+        return _compiled_step_locked(mode)
+
+
+_COMPILED_STEPS_LOCK = threading.Lock()
+
+
+def _compiled_step_locked(mode: str):
     if mode not in _COMPILED_STEPS:
         step = CalmGenerationMixin._calm_step
         if mode.startswith("backend:"):
@@ -226,7 +279,10 @@ class CalmGenerationMixin:
     def _calm_state(self) -> CalmDecodingState:
         state = self.__dict__.get("_calm_decoding_state")
         if state is None:
-            state = self.__dict__["_calm_decoding_state"] = CalmDecodingState()
+            with _STATE_CREATION_LOCK:
+                state = self.__dict__.get("_calm_decoding_state")
+                if state is None:
+                    state = self.__dict__["_calm_decoding_state"] = CalmDecodingState()
         return state
 
     @property
@@ -309,22 +365,27 @@ class CalmGenerationMixin:
             generator=plan.rng.device_generator(),
             max_rounds=plan.max_rounds,
         )  # [B, K]
-        latents = None
-        if plan.want_latents:
-            # The chosen chunk is one of the drawn ones: return the latent of its first copy.
-            all_tokens = torch.cat(drawn_tokens, 1)  # [B, draws, K]
-            match = (all_tokens == chosen[:, None]).all(-1).int().argmax(1)  # [B]
-            latents = torch.cat(drawn_latents, 1)[torch.arange(batch, device=hidden.device), match]
+        # The chosen chunk is one of the drawn ones: return the latent of its first copy (also for the finiteness
+        # check of `_calm_decode`, hence always).
+        all_tokens = torch.cat(drawn_tokens, 1)  # [B, draws, K]
+        match = (all_tokens == chosen[:, None]).all(-1).int().argmax(1)  # [B]
+        latents = torch.cat(drawn_latents, 1)[torch.arange(batch, device=hidden.device), match]
         return chosen, latents
 
     # ------------------------------------------------------------------------------------------------------------
     # Settings
 
     def _calm_settings(self, generation_config, kwargs, explicit) -> tuple[GenerationConfig, dict]:
-        base = generation_config if generation_config is not None else self.generation_config
-        if base is None:
-            base = GenerationConfig()
-        gc = copy.deepcopy(base)
+        # As transformers merges them: the model's generation config, overridden by the fields a caller's config
+        # sets to non-default values (so its unset pad/eos ids do not drop the model's).
+        gc = copy.deepcopy(self.generation_config) if self.generation_config is not None else GenerationConfig()
+        if generation_config is not None:
+            if self.generation_config is None:
+                gc = copy.deepcopy(generation_config)
+            else:
+                for name, value in generation_config.to_diff_dict().items():
+                    if name != "transformers_version":
+                        setattr(gc, name, value)
         settings = {}
         for name, default in CALM_GENERATION_DEFAULTS.items():
             value = getattr(gc, name, None)
@@ -347,12 +408,20 @@ class CalmGenerationMixin:
                 f"CALM has no logits: {ignored} are ignored. Use `temperature` (likelihood-free, in (0, 1]), "
                 "`num_candidates` and `sampling_method` instead."
             )
+        settings["do_sample"] = kwargs.get("do_sample") is not False  # only an explicit False means deterministic
         for name in _IGNORED_LOGIT_SETTINGS + _ACCEPTED_AND_IGNORED:
             kwargs.pop(name, None)
         gc.do_sample = True  # CALM always samples; also keeps transformers' validation of sampling fields quiet
         unknown = gc.update(**kwargs)
         if unknown:
             raise ValueError(f"generate() got arguments CALM does not use: {sorted(unknown)}.")
+        asked = [name for name in ("output_scores", "output_logits") if getattr(gc, name, False)]
+        if asked:
+            raise ValueError(
+                f"CALM has no logits: {' and '.join(f'{name}=True' for name in asked)} cannot be honoured (each step "
+                "samples a latent vector from the generative head and decodes it; no distribution over tokens "
+                "exists). Drop it; `output_latents=True` with `return_dict_in_generate=True` returns the latents."
+            )
         if (gc.num_beams or 1) > 1:
             raise ValueError(f"num_beams={gc.num_beams}: CALM has no likelihoods, so beam search is impossible.")
         self._calm_check_settings(settings)
@@ -366,6 +435,8 @@ class CalmGenerationMixin:
             raise ValueError(f"sampling_method={method!r} is unknown: use one of {SAMPLING_METHODS}.")
         for name in ("calm_num_candidates", "calm_max_rounds"):
             check_positive_int(name.removeprefix("calm_"), settings[name])
+        if settings["calm_max_candidate_memory"] is not None:
+            check_positive_int("calm_max_candidate_memory", settings["calm_max_candidate_memory"])
 
     # ------------------------------------------------------------------------------------------------------------
     # generate
@@ -397,8 +468,14 @@ class CalmGenerationMixin:
             generation_config: base settings (default `model.generation_config`); keyword arguments override it.
                 transformers fields used: `max_new_tokens`, `max_length` (prompt + new, counted on `input_ids`),
                 `eos_token_id` (int or list), `bos_token_id`, `pad_token_id`, `num_return_sequences`,
-                `max_time`, `return_dict_in_generate`. Logit knobs (top_k, top_p, penalties...) and `do_sample`
-                are ignored: CALM always samples.
+                `max_time`, `return_dict_in_generate`; a caller's config is merged over the model's own (its fields
+                left at their defaults keep the model's values, e.g. pad/eos ids), as in transformers. Logit knobs
+                (top_k, top_p, penalties...) are ignored with a warning; `output_scores`/`output_logits` raise
+                (CALM has no logits).
+            do_sample (keyword): `False` is deterministic decoding (the head's noise at its centre: zero for the
+                energy head's uniform noise and the flow/diffusion heads' Gaussian x0; one candidate; temperature
+                ignored, with a warning when set). Default: sampling (a GenerationConfig's `do_sample` is not read,
+                since it is False by default).
             stopping_criteria: transformers `StoppingCriteria` (or callables `(input_ids, scores) -> [B] bool`),
                 evaluated after every chunk on the sequences so far; a row they stop is padded afterwards.
             streamer: e.g. `TextStreamer` (batch 1): gets the prompt once, then each new chunk.
@@ -477,6 +554,7 @@ class CalmGenerationMixin:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"`input_ids` must be a non-empty [batch, tokens] tensor, got {tuple(input_ids.shape)}.")
         input_ids = input_ids.to(device)
+        self._calm_warn_padding(input_ids, attention_mask, gc.pad_token_id)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -496,6 +574,27 @@ class CalmGenerationMixin:
                 "must give at least 1 new token."
             )
         return input_ids, attention_mask, max_new
+
+    @staticmethod
+    def _calm_warn_padding(input_ids, attention_mask, pad_id: int | None) -> None:
+        """Warn, as transformers does, about prompts padded without a mask and about right padding."""
+        if attention_mask is None:
+            if pad_id is None or input_ids.shape[0] < 2:
+                return
+            left, right = (input_ids[:, 0] == pad_id).any(), (input_ids[:, -1] == pad_id).any()
+            if bool(left):
+                logger.warning_once(
+                    f"A row of `input_ids` starts with pad_token_id={pad_id} but no `attention_mask` was passed: the "
+                    "padding is read as prompt text. Pass the tokenizer's `attention_mask` with padded batches."
+                )
+        else:
+            right = (attention_mask[:, -1] == 0).any()
+        if bool(right):
+            logger.warning_once(
+                "Right padding detected (a prompt row ends in padding): the returned sequences are the prompts as "
+                "given followed by the new tokens, so padding would separate a prompt from its continuation. Pad "
+                "on the left for generation (`tokenizer.padding_side = 'left'`)."
+            )
 
     @staticmethod
     def _calm_stopping(gc: GenerationConfig, settings: dict, stopping_criteria, bos_id: int | None):
@@ -544,8 +643,22 @@ class CalmGenerationMixin:
             )
 
         temperature = float(settings["calm_temperature"])
+        if not settings["do_sample"]:
+            # Deterministic decoding: the head's noise at its centre (0 for the energy head's uniform noise in
+            # [-0.5, 0.5) and for the flow/diffusion heads' Gaussian x0), one candidate, no temperature.
+            if noise is not None:
+                raise ValueError("do_sample=False decodes with zero head noise: pass `noise` or do_sample=False, not both.")
+            if temperature != 1.0 or settings["calm_sampling_method"] != "approximate":
+                logger.warning_once(
+                    f"do_sample=False decodes deterministically (zero head noise, one candidate): temperature="
+                    f"{temperature} and sampling_method={settings['calm_sampling_method']!r} are ignored."
+                )
+            temperature = 1.0
+            noise = torch.zeros(steps, batch, self.head.noise_size, device=self.device)
         exact = settings["calm_sampling_method"] == "exact" and temperature < 1.0
         num_cand = settings["calm_num_candidates"] if temperature < 1.0 and not exact else None
+        if temperature < 1.0:  # the approximate method's N, or the exact method's fallback N
+            self._calm_check_candidate_memory(batch, settings)
         rng = CalmRandom(self.device, generator=generator, seed=seed, batch_size=batch)
         if noise is not None:
             if exact:
@@ -570,6 +683,32 @@ class CalmGenerationMixin:
             want_latents=bool(output_latents),
         )
 
+    def _calm_candidate_memory(self, batch: int, num_candidates: int) -> int:
+        """Estimated bytes of one step's N candidates per row: the head's conditioned hidden states, noise and
+        latents, and the autoencoder decoder's activations for K tokens each (its logits run in bounded blocks)."""
+        config, ae = self.config, self.config.autoencoder_config
+        per_candidate = (
+            config.hidden_size * (config.num_mlp_layers + 2)
+            + self.head.noise_size
+            + 2 * config.latent_size
+            + config.patch_size * (3 * ae.hidden_size + ae.intermediate_size)
+        )
+        selection = 8 * (2 * config.patch_size + 10)  # int64/float64 work of the pick: sorted chunks, counts, levels
+        # float32, x2: a layer's input and output are alive together.
+        return batch * num_candidates * (2 * 4 * per_candidate + selection)
+
+    def _calm_check_candidate_memory(self, batch: int, settings: dict) -> None:
+        num = settings["calm_num_candidates"]
+        limit = settings["calm_max_candidate_memory"] or DEFAULT_CANDIDATE_MEMORY
+        estimate = self._calm_candidate_memory(batch, num)
+        if estimate > limit:
+            raise ValueError(
+                f"num_candidates={num} at batch size {batch} needs about {estimate / 2**30:.2f} GiB per step for "
+                f"the candidates (estimate), above calm_max_candidate_memory={limit} bytes "
+                f"({limit / 2**30:.2f} GiB). Lower num_candidates (the paper uses about 200) or the batch size, or "
+                "raise calm_max_candidate_memory."
+            )
+
     def _calm_run(self, plan: CalmDecodingPlan, settings: dict, gc: GenerationConfig):
         """Decode the plan, compiled when asked (or on CUDA) and possible, else eagerly; on a compile failure,
         again eagerly from the same random state. Returns (new tokens `[B, new]`, latents or None)."""
@@ -591,22 +730,31 @@ class CalmGenerationMixin:
                 "length and temperature: such a first call takes from tens of seconds to about two minutes, "
                 "later ones are fast. For a few one-off generations pass calm_compile=False (eager decoding)."
             )
-        rng_state = plan.rng.get_state()
-        try:
-            result = self._calm_decode(plan, compiled=settings["calm_compile_mode"], static=True)
-            state.last_decoding = f"compiled ({settings['calm_compile_mode']}, static cache)"
-        except Exception as error:  # noqa: BLE001 - any compile/runtime failure falls back to eager
-            if plan.streamer is not None:
+        # The compiled path shares one static cache (and its graphs) per model: concurrent calls take turns here,
+        # compilation included. The eager path above builds its cache per call and needs no lock.
+        with state.lock:
+            if state.compile_failed:  # another thread's call failed to compile while this one waited
+                result = self._calm_decode(plan, compiled=None, static=static)
+                state.last_decoding = "eager (compiling failed earlier)"
+                return result
+            rng_state = plan.rng.get_state()
+            try:
+                result = self._calm_decode(plan, compiled=settings["calm_compile_mode"], static=True)
+                state.last_decoding = f"compiled ({settings['calm_compile_mode']}, static cache)"
+            except CalmNonFiniteError:
                 raise
-            logger.warning(
-                f"Compiled CALM decoding failed ({type(error).__name__}: {error}); falling back to eager "
-                "decoding, which this model will use from now on."
-            )
-            state.compile_failed = True
-            state.static_cache = state.static_cache_key = None
-            plan.rng.set_state(rng_state)
-            result = self._calm_decode(plan, compiled=None, static=static)
-            state.last_decoding = "eager (compile failed)"
+            except Exception as error:  # noqa: BLE001 - any compile/runtime failure falls back to eager
+                if plan.streamer is not None:
+                    raise
+                logger.warning(
+                    f"Compiled CALM decoding failed ({type(error).__name__}: {error}); falling back to eager "
+                    "decoding, which this model will use from now on."
+                )
+                state.compile_failed = True
+                state.static_cache = state.static_cache_key = None
+                plan.rng.set_state(rng_state)
+                result = self._calm_decode(plan, compiled=None, static=static)
+                state.last_decoding = "eager (compile failed)"
         return result
 
     # ------------------------------------------------------------------------------------------------------------
@@ -653,6 +801,26 @@ class CalmGenerationMixin:
         )
         return cache, out.last_hidden_state[:, -1].contiguous(), mask_at  # every row's last real chunk
 
+    @staticmethod
+    def _calm_check_finite(prompt_finite: torch.Tensor, first_bad: torch.Tensor, steps: int) -> None:
+        """Raise `CalmNonFiniteError` when the prompt's hidden state or a sampled latent was NaN/inf (one sync)."""
+        prompt_ok, latents_ok = torch.stack([prompt_finite.all(), (first_bad == steps).all()]).tolist()
+        if prompt_ok and latents_ok:
+            return
+        hint = (
+            " The tokens decoded from such values are meaningless (a NaN model decodes padding, which looks like a "
+            "stop). The weights are probably non-finite (e.g. a diverged training run): list them with "
+            "`[n for n, p in model.named_parameters() if not p.isfinite().all()]`."
+        )
+        if not prompt_ok:
+            rows = (~prompt_finite).nonzero()[:, 0].tolist()
+            raise CalmNonFiniteError(f"generate: the backbone's hidden state after the prompt is not finite in rows {rows}." + hint)
+        rows = (first_bad < steps).nonzero()[:, 0].tolist()
+        raise CalmNonFiniteError(
+            f"generate: the generative head sampled non-finite latents (NaN or inf) in rows {rows}, first at step "
+            f"{int(first_bad.min())}." + hint
+        )
+
     def _calm_decode(self, plan: CalmDecodingPlan, compiled: str | None, static: bool):
         """Prefill, then `steps` decoding steps. Returns (new tokens `[B, new]` after stop masking, latents)."""
         steps, rng = plan.steps, plan.rng
@@ -673,6 +841,9 @@ class CalmGenerationMixin:
         if plan.streamer is not None:
             plan.streamer.put(plan.input_ids.cpu())
         approximate = plan.num_candidates is not None
+        # Non-finite values are flagged on the device (no sync per step) and checked once at the end.
+        prompt_finite = torch.isfinite(hidden).all(-1)  # [B]
+        first_bad = torch.full((batch,), steps, dtype=torch.long, device=device)  # step of a row's first bad latent
 
         steps_run = 0
         noise_block = uniform_block = None
@@ -704,6 +875,8 @@ class CalmGenerationMixin:
                 if run_compiled:
                     hidden = hidden.clone()  # the graph's output buffers are reused by the next replay
             tokens_out[:, i * k : (i + 1) * k] = tokens
+            bad = ~torch.isfinite(latents).all(-1) & (first_bad == steps)
+            first_bad = torch.where(bad, i, first_bad)
             if latents_out is not None:
                 latents_out[:, i] = latents
             steps_run = i + 1
@@ -711,6 +884,7 @@ class CalmGenerationMixin:
                 break
         if plan.streamer is not None:
             plan.streamer.end()
+        self._calm_check_finite(prompt_finite, first_bad, steps)
 
         new_tokens = stops.mask(tokens_out[:, : steps_run * k])[:, : plan.max_new]
         if latents_out is not None:

@@ -46,6 +46,7 @@ __all__ = [
     "exact_temperature_sample",
     "pick_by_uniform",
     "select_by_temperature",
+    "selection_levels",
     "selection_probabilities",
     "temperature_sample",
 ]
@@ -167,12 +168,28 @@ def chunk_multiplicities(candidates: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(group).scatter_(1, order, sizes.gather(1, group))
 
 
+def selection_levels(inv_t: float, num_candidates: int) -> range:
+    """The offsets j (level m = a - j, a = 1/T) that `selection_probabilities` must visit: O(N), not O(1/T).
+
+    Why the other levels never select: a candidate is eligible at level m iff C(c, m) > 0, i.e. c > m - 1, and
+    its multiplicity c counts agreeing candidates among the N of its row, so c <= N. A level m >= N + 1 thus has no
+    eligible candidate in any row, and the rule "the highest level with an eligible chunk decides" never stops
+    there: only the levels m < N + 1 can matter. They are j > a - N - 1, at most N + 1 of them, and the lowest
+    level a - n + 1 (j = n - 1, n = floor(a)) is always among them since N >= 1. Without this cap the loop ran over
+    floor(1/T) levels per step (about 10^7 at T = 1e-7, which never returned).
+    """
+    num_levels = int(inv_t)
+    first = max(0, math.floor(inv_t - num_candidates - 1) + 1)
+    return range(min(first, num_levels - 1), num_levels)
+
+
 def selection_probabilities(candidates: torch.Tensor, temperature: float) -> torch.Tensor:
     """Probability with which the approximate method picks each candidate (see the module docstring).
 
     Levels m = a, a - 1, ..., a - n + 1 with a = 1/T, n = floor(a); the highest level at which some chunk has
     c > m - 1 gives each candidate the weight C(c, m) / c of eq. (3), so that a distinct chunk x gets total
-    weight C(c_x, m). The loop runs over levels (n of them), never over rows or candidates.
+    weight C(c_x, m). The loop runs over levels, never over rows or candidates, and only over the levels below
+    N + 1 (`selection_levels`: higher ones cannot hold an eligible chunk), so a step costs O(N) levels at any T.
 
     Args:
         candidates (`torch.LongTensor` of shape `[B, N, K]`): N candidate chunks of K tokens per row.
@@ -186,11 +203,10 @@ def selection_probabilities(candidates: torch.Tensor, temperature: float) -> tor
     # float64: with 1/T snapped only within `_INTEGER_TOLERANCE` of an integer, the lowest level can sit 1e-9
     # below 2, and float32 would round c - m + 1 = 2 - m to 0 and drop singletons that must stay eligible.
     counts = chunk_multiplicities(candidates).to(torch.float64)  # [B, N], c_x of each candidate's chunk
-    num_levels = int(inv_t)
     log_weights = None
     # Lowest level first, so that each higher level overwrites the rows where it has an eligible chunk. The
     # lowest level, a - n + 1 in [1, 2), accepts every candidate (c >= 1 > m - 1), so each row ends with a choice.
-    for j in reversed(range(num_levels)):
+    for j in reversed(selection_levels(inv_t, candidates.shape[1])):
         level = inv_t - j
         # Eligible means C(c, level) > 0, i.e. c - level + 1 > 0; that argument may lie in (0, 1), where
         # Gamma is large and the weight small. Ineligible entries get the dummy argument 1 (away from
@@ -308,7 +324,8 @@ def exact_temperature_sample(
     described in the module docstring. At T = 1 this returns `draw(1)[:, 0]`.
 
     Cap: at most `max_rounds` rounds (`max_rounds * draws_per_round` draws per row). Rows still unfinished then
-    are handled as `on_max_rounds` says:
+    are handled as `on_max_rounds` says (when 1/T needs more identical draws than the cap allows, e.g. T = 1e-7,
+    no row can finish and every row is handled so at once, without drawing in vain):
     - `"approximate"` (default): log a warning with the number of such rows, call `draw(num_candidates)` once
       more and pick for those rows with `select_by_temperature`. The draws made so far are not reused: they are
       conditioned on the exact sampler having failed (they tend to be all different), while fresh draws are
@@ -340,6 +357,19 @@ def exact_temperature_sample(
 
     run_len = int(inv_t)  # n: identical draws needed in stage 1
     alpha = inv_t - run_len  # fractional part, handled by the Bernoulli factory of stage 2, eq. (2)
+    if run_len > max_rounds * draws_per_round:
+        # Stage 1 needs n identical draws in a row, more than the cap allows: no row can finish, so drawing is
+        # wasted (at T = 1e-7 it was 1000 rounds per step). Go to the documented fallback at once.
+        message = (
+            f"exact temperature sampling (T={temperature}) needs {run_len} identical draws in a row, more than "
+            f"max_rounds={max_rounds} rounds of {draws_per_round} draws allow"
+        )
+        if on_max_rounds == "raise":
+            raise RuntimeError(message + "; raise max_rounds or use on_max_rounds='approximate'")
+        logger.warning_once(message + f"; every row falls back to the approximate method with {num_candidates} candidates")
+        fallback_candidates = _call_draw(draw, num_candidates, None)  # [B, N, K]
+        _check_generator(generator, fallback_candidates.device)
+        return select_by_temperature(fallback_candidates, temperature, generator=generator)[0]
     shape = state = None
     for _ in range(max_rounds):
         samples = _call_draw(draw, draws_per_round, shape)  # [B, W, K]

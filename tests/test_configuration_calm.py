@@ -35,7 +35,7 @@ def test_k_and_latent_default_to_the_autoencoder():
     [
         (dict(patch_size=2), "patch_size"),
         (dict(latent_size=7), "latent_size"),
-        (dict(head_type="diffusion"), "head_type"),
+        (dict(head_type="score"), "head_type"),
         (dict(beta=2.0), "beta"),
         (dict(beta=0.0), "beta"),
         (dict(beta=float("nan")), "beta"),
