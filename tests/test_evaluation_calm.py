@@ -26,7 +26,7 @@ from modeling_calm.evaluation_calm import (
     true_continuations,
 )
 from modeling_calm.modeling_calm_brier import BrierAccumulator, brier_indicators, brier_lm, brier_scores
-from tests.utils import markov_brier, random_transition, sample_chain, single_thread
+from tests.utils import markov_brier, random_transition, sample_chain, single_thread, word_tokenizer
 
 
 VOCAB = 50
@@ -256,16 +256,6 @@ def test_batch_seed_depends_on_seed_and_batch_index_only():
         batch_seed(0, -1)
     with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
         batch_seed(1.5, 0)
-
-
-def word_tokenizer(words: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "<eos>": 1, "<pad>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>", pad_token="<pad>")
 
 
 def test_load_text_blocks_and_evaluate_end_to_end(tmp_path):

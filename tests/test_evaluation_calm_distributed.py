@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_calm import CalmForCausalLM
-from tests.test_evaluation_calm import word_tokenizer
+from tests.utils import word_tokenizer
 from tests.utils import tiny_calm_config
 
 

@@ -13,48 +13,14 @@ from modeling_calm import CalmForCausalLM
 from modeling_calm.modeling_calm import layout_prompts
 from modeling_calm.modeling_calm_heads import zero_init_layers
 from modeling_calm.modeling_calm_sampling import selection_probabilities
-from tests.utils import tiny_calm_config
+from tests.utils import BOS, EOS, NO_STOPS, PAD, left_pad, make_model, random_rows, tiny_calm_config
 
 K = 4
-PAD, BOS, EOS = 0, 1, 2
-NO_STOPS = dict(eos_token_id=None, stop_on_bos=False)
-
-
-def make_model(head_std: float = 0.5, peaked: bool = False, **config) -> CalmForCausalLM:
-    """Tiny CALM whose zero-initialised head output layer gets weights, so samples depend on the noise.
-
-    `peaked`: the head's output bias moves the latents away from 0 (where the decoder's RMSNorm turns any small
-    variation into a different chunk), so a handful of chunks take most of the mass and repeat among candidates.
-    """
-    torch.manual_seed(0)
-    model = CalmForCausalLM(tiny_calm_config(**config)).eval()
-    for layer in zero_init_layers(model):
-        torch.nn.init.normal_(layer.weight, std=head_std)
-    if peaked:
-        torch.nn.init.normal_(model.head.output.fc2.bias, std=1.0)
-    return model
 
 
 @pytest.fixture(scope="module")
 def model():
     return make_model()
-
-
-def left_pad(rows: list[list[int]], extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows)) + extra
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def random_rows(lengths, seed=1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 99, (n,), generator=g).tolist() for n in lengths]
-
-
 def energy_noise(steps, batch, *rest, seed=2):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(steps, batch, *rest, 8, generator=g) - 0.5  # noise_size 8 in the tiny config

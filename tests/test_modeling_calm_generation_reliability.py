@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from modeling_calm import modeling_calm_sampling as sampling
 from modeling_calm.modeling_calm_generation import CalmNonFiniteError
-from tests.test_modeling_calm_generation import EOS, NO_STOPS, PAD, left_pad, make_model, random_rows
+from tests.utils import EOS, NO_STOPS, PAD, left_pad, make_model, random_rows
 from tests.utils import single_thread  # noqa: F401  (autouse fixture)
 
 
@@ -27,9 +27,11 @@ def warnings_seen(monkeypatch):
     """Messages logged through `logger.warning_once` / `logger.warning` (warning_once's cache cleared)."""
     seen = []
     from modeling_calm import modeling_calm_generation as generation
+    from modeling_calm import modeling_calm_generation_settings as settings
 
-    monkeypatch.setattr(generation.logger, "warning_once", lambda msg, *a, **k: seen.append(str(msg)))
-    monkeypatch.setattr(generation.logger, "warning", lambda msg, *a, **k: seen.append(str(msg)))
+    for module in (generation, settings):
+        monkeypatch.setattr(module.logger, "warning_once", lambda msg, *a, **k: seen.append(str(msg)))
+        monkeypatch.setattr(module.logger, "warning", lambda msg, *a, **k: seen.append(str(msg)))
     monkeypatch.setattr(sampling.logger, "warning_once", lambda msg, *a, **k: seen.append(str(msg)))
     return seen
 

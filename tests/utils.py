@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_calm import CalmAutoencoderConfig, CalmConfig
+from modeling_calm import CalmAutoencoderConfig, CalmConfig, CalmForCausalLM
+from modeling_calm.modeling_calm_heads import zero_init_layers
 
 
 # The files `save_pretrained` writes beside a CALM's weights (its remote code); pinned by tests/test_hub.py.
@@ -27,6 +28,7 @@ SHIPPED_CALM_FILES = {
     "modeling_calm_brier.py",
     "modeling_calm_compat.py",
     "modeling_calm_generation.py",
+    "modeling_calm_generation_settings.py",
     "modeling_calm_heads.py",
     "modeling_calm_sampling.py",
 }
@@ -143,3 +145,49 @@ def markov_brier(transition: torch.Tensor, context: int, target: list[int], n: i
     vocab = transition.shape[0]
     squares = sum(prob(g) ** 2 for g in itertools.product(range(vocab), repeat=n))
     return 2 * prob(target[:n]) - squares
+
+
+# Generation tests (test_modeling_calm_generation*.py)
+PAD, BOS, EOS = 0, 1, 2
+NO_STOPS = dict(eos_token_id=None, stop_on_bos=False)
+
+
+def make_model(head_std: float = 0.5, peaked: bool = False, **config) -> CalmForCausalLM:
+    """Tiny CALM whose zero-initialised head output layer gets weights, so samples depend on the noise.
+
+    `peaked`: the head's output bias moves the latents away from 0 (where the decoder's RMSNorm turns any small
+    variation into a different chunk), so a handful of chunks take most of the mass and repeat among candidates.
+    """
+    torch.manual_seed(0)
+    model = CalmForCausalLM(tiny_calm_config(**config)).eval()
+    for layer in zero_init_layers(model):
+        torch.nn.init.normal_(layer.weight, std=head_std)
+    if peaked:
+        torch.nn.init.normal_(model.head.output.fc2.bias, std=1.0)
+    return model
+
+
+def left_pad(rows: list[list[int]], extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows)) + extra
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def random_rows(lengths, seed=1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 99, (n,), generator=g).tolist() for n in lengths]
+
+
+
+def word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<eos>": 1, "<pad>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>", pad_token="<pad>")
