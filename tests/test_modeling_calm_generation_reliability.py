@@ -66,6 +66,34 @@ def test_concurrent_calls_equal_the_same_calls_alone(model, compiled, temperatur
     assert model.calm_last_decoding.startswith("compiled" if compiled else "eager")
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_concurrent_compiled_calls_on_the_reused_static_cache_do_not_break_it(temperature):
+    """The reused static cache is the shared state: before the lock, 8 threads made the compiled step fail with
+    `index_copy_(): index 7x is out of bounds for dimension 2 with size 64` (another call's cache position), and the
+    model fell back to eager decoding for good, with only a log line. A fresh model, so no earlier call's state."""
+    model = make_model()
+    ids, mask = left_pad(random_rows([6, 9], seed=32))
+
+    def call(seed):
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=48, seed=seed, temperature=temperature, num_candidates=8,
+            cache_implementation="static", calm_compile=True, calm_compile_mode="backend:eager", **NO_STOPS,
+        )
+
+    seeds = list(range(48))
+    alone = {seed: call(seed) for seed in seeds[:8]}
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            together = list(pool.map(call, seeds))
+    finally:
+        sys.setswitchinterval(interval)
+    assert not model._calm_decoding_state.compile_failed
+    assert model.calm_last_decoding.startswith("compiled"), model.calm_last_decoding
+    assert [s for s, out in zip(seeds, together) if s in alone and not torch.equal(out, alone[s])] == []
+
+
 def test_a_model_with_its_lock_deep_copies_and_pickles(model):
     model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, seed=0, calm_compile=True,
                    calm_compile_mode="backend:eager")
