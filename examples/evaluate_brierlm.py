@@ -47,7 +47,7 @@ import transformers
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 import modeling_calm
-from modeling_calm.data_calm import load_tokenizer
+from modeling_calm.data_calm import load_pretrained, load_tokenizer
 from modeling_calm.modeling_calm_brier import BRIER_LM_MAX_N
 from modeling_calm.evaluation_calm import evaluate_brier, load_text_blocks
 
@@ -72,17 +72,6 @@ class EvalArguments:
                                  "needs no flag: the installed modeling_calm package provides its classes."},
     )
 
-
-def _load(auto_class, name: str, trust_remote_code: bool, **kwargs):
-    """`auto_class.from_pretrained` that runs a folder's or repo's own code only with --trust_remote_code. A CALM
-    needs no flag: the installed modeling_calm package provides its classes."""
-    try:
-        return auto_class.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
-    except ValueError as error:
-        if trust_remote_code or "trust_remote_code" not in str(error):
-            raise
-        raise ValueError(f"{name!r} ships its own modeling code, which this script runs only if you ask: pass "
-                         "--trust_remote_code if you trust that code (read its .py files first).") from error
 
 
 def _max_positions(model) -> int | None:
@@ -137,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not os.access(output_dir, os.W_OK) or (os.path.exists(args.output) and not os.access(args.output, os.W_OK)):
             raise ValueError(f"--output {args.output!r} is not writable.")
 
-    model = _load(AutoModelForCausalLM, args.model, args.trust_remote_code, dtype=dtype).to(device).eval()
+    model = load_pretrained(AutoModelForCausalLM, args.model, args.trust_remote_code, dtype=dtype).to(device).eval()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     is_calm = callable(getattr(model, "score_brier", None))
     k = model.config.patch_size if is_calm else 1

@@ -33,8 +33,8 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArgumen
 from modeling_calm import CalmTrainer
 from modeling_calm.card_calm import build_model_card
 from modeling_calm.data_calm import (
-    CalmDataCollator, load_text_dataset, load_tokenizer, model_context_tokens, save_tokenizer_with_model,
-    tokenize_and_pack,
+    CalmDataCollator, load_pretrained, load_text_dataset, load_tokenizer, model_context_tokens,
+    save_tokenizer_with_model, tokenize_and_pack,
 )
 from modeling_calm.peft_calm import calm_lora_config
 
@@ -64,17 +64,6 @@ class FinetuneArguments:
     )
 
 
-def _load(auto_class, name: str, trust_remote_code: bool, **kwargs):
-    """`auto_class.from_pretrained` that runs a folder's or repo's own code only with --trust_remote_code. A CALM
-    needs no flag: the installed modeling_calm package provides its classes."""
-    try:
-        return auto_class.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
-    except ValueError as error:
-        if trust_remote_code or "trust_remote_code" not in str(error):
-            raise
-        raise ValueError(f"{name!r} ships its own modeling code, which this script runs only if you ask: pass "
-                         "--trust_remote_code if you trust that code (read its .py files first).") from error
-
 
 @dataclass
 class FinetuneTrainingArguments(TrainingArguments):
@@ -87,7 +76,7 @@ def main():
     args, training_args = HfArgumentParser((FinetuneArguments, FinetuneTrainingArguments)).parse_args_into_dataclasses()
     set_seed(training_args.seed)
 
-    model = _load(AutoModelForCausalLM, args.model, args.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     patch_size = model.config.patch_size
     if len(tokenizer) > model.config.vocab_size:

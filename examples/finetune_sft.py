@@ -26,7 +26,9 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArgumen
 
 from modeling_calm import CalmTrainer
 from modeling_calm.card_calm import build_model_card
-from modeling_calm.data_calm import CalmDataCollator, load_tokenizer, model_context_tokens, save_tokenizer_with_model
+from modeling_calm.data_calm import (
+    CalmDataCollator, load_pretrained, load_tokenizer, model_context_tokens, save_tokenizer_with_model,
+)
 from modeling_calm.peft_calm import calm_lora_config
 from modeling_calm.sft_calm import DEFAULT_CHAT_TEMPLATE, build_sft_dataset
 
@@ -61,23 +63,13 @@ class SftTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
 
 
-def _load(auto_class, name: str, trust_remote_code: bool, **kwargs):
-    """`auto_class.from_pretrained` that runs a folder's own code only with --trust_remote_code."""
-    try:
-        return auto_class.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
-    except ValueError as error:
-        if trust_remote_code or "trust_remote_code" not in str(error):
-            raise
-        raise ValueError(f"{name!r} ships its own modeling code, which this script runs only if you ask: pass "
-                         "--trust_remote_code if you trust that code (read its .py files first).") from error
-
 
 def main(argv: list[str] | None = None):
     args, training_args = HfArgumentParser((SftArguments, SftTrainingArguments)).parse_args_into_dataclasses(argv)
     if args.merge and not args.lora:
         raise ValueError("--merge merges LoRA adapters: it needs --lora (a full fine-tune saves the model itself).")
     set_seed(training_args.seed)
-    model = _load(AutoModelForCausalLM, args.model, args.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "

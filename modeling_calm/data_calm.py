@@ -462,6 +462,19 @@ def _has_remote_config(name_or_path, **kwargs) -> bool:
     return "AutoConfig" in (config_dict.get("auto_map") or {})
 
 
+def load_pretrained(auto_class, name: str, trust_remote_code: bool = False, **kwargs):
+    """`auto_class.from_pretrained(name)` that runs a folder's or repo's own code only with `trust_remote_code`
+    (the examples' `--trust_remote_code` flag, off by default). A CALM needs no flag: the installed package
+    provides its classes. Without the flag, a model that needs its own code gets an error saying how to allow it."""
+    try:
+        return auto_class.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"{name!r} ships its own modeling code, which this script runs only if you ask: pass "
+                         "--trust_remote_code if you trust that code (read its .py files first).") from error
+
+
 def load_tokenizer(name_or_path, **kwargs) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained(name_or_path)` that runs no remote code and never prompts.
 

@@ -309,6 +309,32 @@ class CalmFlowHead(nn.Module):
         """The head's noise x0 ~ N(0, I), float32, of shape `[*shape, Z]`."""
         return torch.randn((*shape, self.noise_size), device=device, generator=generator)
 
+    def _sampling_steps(self, num_steps: int | None, maximum: int | None = None) -> int:
+        steps = self.num_steps if num_steps is None else num_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or (maximum and steps > maximum):
+            rule = f"in [1, {maximum}]" if maximum else ">= 1"
+            raise ValueError(f"`num_steps` must be an integer {rule}, got {steps!r}.")
+        return steps
+
+    def _start_point(self, hidden_states: torch.Tensor, noise: torch.Tensor | None, generator) -> torch.Tensor:
+        """The sampler's start `[..., Z]` (float32): the given noise, checked, or a fresh draw."""
+        shape = (*hidden_states.shape[:-1], self.latent_size)
+        if noise is None:
+            noise = self.draw_noise(shape[:-1], device=hidden_states.device, generator=generator)
+        elif noise.shape != shape:
+            raise ValueError(f"`noise` must have shape {shape}, got {tuple(noise.shape)}.")
+        return noise.float()
+
+    def _target_and_noise(self, target_mean, target_log_std, noise, target_noise, generator):
+        """A sample y of the target posterior and the head's noise, both `[P, Z]` float32 (drawn in this order)."""
+        mean, std = target_mean.float(), torch.exp(target_log_std.float())
+        if target_noise is None:
+            target_noise = torch.randn(mean.shape, device=mean.device, generator=generator)
+        target = mean + target_noise.reshape(mean.shape).float() * std
+        if noise is None:
+            noise = self.draw_noise(mean.shape[:-1], device=mean.device, generator=generator)
+        return target, noise.float()
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """v(x_t, t | h): `x [..., Z]`, `t [...]`, `hidden_states [..., D]` -> `[..., Z]`."""
         condition = self.hidden_proj(hidden_states) + self.time_proj(
@@ -327,15 +353,9 @@ class CalmFlowHead(nn.Module):
         num_steps: int | None = None,
     ) -> torch.Tensor:
         """`[..., D]` -> `[..., Z]` by Euler integration; `noise` is the start point x0 `[..., Z]`."""
-        steps = self.num_steps if num_steps is None else num_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`num_steps` must be an integer >= 1, got {steps!r}.")
-        shape = (*hidden_states.shape[:-1], self.latent_size)
-        if noise is None:
-            noise = self.draw_noise(shape[:-1], device=hidden_states.device, generator=generator)
-        elif noise.shape != shape:
-            raise ValueError(f"`noise` must have shape {shape}, got {tuple(noise.shape)}.")
-        x = noise.float()
+        steps = self._sampling_steps(num_steps)
+        x = self._start_point(hidden_states, noise, generator)
+        shape = x.shape
         dt = 1.0 / steps
         for i in range(steps):
             t = torch.full(shape[:-1], i * dt, device=x.device)
@@ -352,14 +372,8 @@ class CalmFlowHead(nn.Module):
         generator: torch.Generator | None = None,
     ) -> CalmHeadLoss:
         """Flow-matching loss per position `[P]`; `noise` is x0 `[P, Z]`, `target_noise` the eps `[P, Z]`."""
-        mean, std = target_mean.float(), torch.exp(target_log_std.float())
-        device = hidden_states.device
-        if target_noise is None:
-            target_noise = torch.randn(mean.shape, device=device, generator=generator)
-        target = mean + target_noise.reshape(mean.shape).float() * std
-        if noise is None:
-            noise = self.draw_noise(mean.shape[:-1], device=device, generator=generator)
-        t = torch.rand(mean.shape[:-1], device=device, generator=generator)
+        target, noise = self._target_and_noise(target_mean, target_log_std, noise, target_noise, generator)
+        t = torch.rand(target.shape[:-1], device=target.device, generator=generator)
         x_t = (1 - t[..., None]) * noise + t[..., None] * target
         prediction = self.velocity(x_t, t, hidden_states).float()
         loss = (prediction - (target - noise)).pow(2).sum(-1)
@@ -399,15 +413,9 @@ class CalmDiffusionHead(CalmFlowHead):
         num_steps: int | None = None,
     ) -> torch.Tensor:
         """`[..., D]` -> `[..., Z]` by DDIM from x_T = `noise` `[..., Z]` (drawn when None)."""
-        steps = self.num_steps if num_steps is None else num_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= DIFFUSION_TRAIN_STEPS:
-            raise ValueError(f"`num_steps` must be an integer in [1, {DIFFUSION_TRAIN_STEPS}], got {steps!r}.")
-        shape = (*hidden_states.shape[:-1], self.latent_size)
-        if noise is None:
-            noise = self.draw_noise(shape[:-1], device=hidden_states.device, generator=generator)
-        elif noise.shape != shape:
-            raise ValueError(f"`noise` must have shape {shape}, got {tuple(noise.shape)}.")
-        x = noise.float()
+        steps = self._sampling_steps(num_steps, maximum=DIFFUSION_TRAIN_STEPS)
+        x = self._start_point(hidden_states, noise, generator)
+        shape = x.shape
         # Python numbers, not tensors: the loop unrolls into one graph under torch.compile (no host sync).
         last = DIFFUSION_TRAIN_STEPS - 1
         levels = [round(last * (1 - i / (steps - 1))) if steps > 1 else last for i in range(steps)]
@@ -430,18 +438,12 @@ class CalmDiffusionHead(CalmFlowHead):
         generator: torch.Generator | None = None,
     ) -> CalmHeadLoss:
         """Noise-prediction loss per position `[P]`; `noise` is eps `[P, Z]`, `target_noise` the posterior's eps."""
-        mean, std = target_mean.float(), torch.exp(target_log_std.float())
-        device = hidden_states.device
-        if target_noise is None:
-            target_noise = torch.randn(mean.shape, device=device, generator=generator)
-        target = mean + target_noise.reshape(mean.shape).float() * std
-        if noise is None:
-            noise = self.draw_noise(mean.shape[:-1], device=device, generator=generator)
-        level = torch.randint(0, DIFFUSION_TRAIN_STEPS, mean.shape[:-1], device=device, generator=generator)
+        target, noise = self._target_and_noise(target_mean, target_log_std, noise, target_noise, generator)
+        level = torch.randint(0, DIFFUSION_TRAIN_STEPS, target.shape[:-1], device=target.device, generator=generator)
         a = self._levels(level)[..., None]
-        x_t = a.sqrt() * target + (1 - a).sqrt() * noise.float()
+        x_t = a.sqrt() * target + (1 - a).sqrt() * noise
         prediction = self.velocity(x_t, level.float() / DIFFUSION_TRAIN_STEPS, hidden_states).float()
-        return CalmHeadLoss(loss=(prediction - noise.float()).pow(2).sum(-1))
+        return CalmHeadLoss(loss=(prediction - noise).pow(2).sum(-1))
 
 
 CALM_HEADS = {"energy": CalmEnergyHead, "flow": CalmFlowHead, "diffusion": CalmDiffusionHead}

@@ -308,6 +308,13 @@ class _ExactSamplerState:
         self.step = torch.where(stage2 & ~accept & ~restart, self.step + 1, self.step)
 
 
+def _fall_back_or_raise(message: str, on_max_rounds: str, who: str, num_candidates: int, log) -> None:
+    """The exact method could not finish within max_rounds: raise (`on_max_rounds="raise"`) or log the fallback."""
+    if on_max_rounds == "raise":
+        raise RuntimeError(message + "; raise max_rounds or use on_max_rounds='approximate'")
+    log(message + f"; {who} to the approximate method with {num_candidates} candidates")
+
+
 def exact_temperature_sample(
     draw: DrawFn,
     temperature: float,
@@ -364,9 +371,7 @@ def exact_temperature_sample(
             f"exact temperature sampling (T={temperature}) needs {run_len} identical draws in a row, more than "
             f"max_rounds={max_rounds} rounds of {draws_per_round} draws allow"
         )
-        if on_max_rounds == "raise":
-            raise RuntimeError(message + "; raise max_rounds or use on_max_rounds='approximate'")
-        logger.warning_once(message + f"; every row falls back to the approximate method with {num_candidates} candidates")
+        _fall_back_or_raise(message, on_max_rounds, "every row falls back", num_candidates, logger.warning_once)
         fallback_candidates = _call_draw(draw, num_candidates, None)  # [B, N, K]
         _check_generator(generator, fallback_candidates.device)
         return select_by_temperature(fallback_candidates, temperature, generator=generator)[0]
@@ -391,9 +396,7 @@ def exact_temperature_sample(
         f"exact temperature sampling (T={temperature}) left {num_unfinished} of {shape[0]} rows unfinished after "
         f"max_rounds={max_rounds} rounds of {draws_per_round} draws"
     )
-    if on_max_rounds == "raise":
-        raise RuntimeError(message + "; raise max_rounds or use on_max_rounds='approximate'")
-    logger.warning(message + f"; those rows fall back to the approximate method with {num_candidates} candidates")
+    _fall_back_or_raise(message, on_max_rounds, "those rows fall back", num_candidates, logger.warning)
     fallback_candidates = _call_draw(draw, num_candidates, shape)  # [B, N, K]
     fallback, _ = select_by_temperature(fallback_candidates[unfinished], temperature, generator=generator)
     candidate[unfinished] = fallback

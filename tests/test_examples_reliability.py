@@ -71,7 +71,7 @@ def test_finetune_lora_runs_no_remote_code_without_the_flag(remote_code_model, t
 def test_evaluate_brierlm_checks_output_before_the_evaluation(tmp_path, monkeypatch):
     example = load_script("evaluate_brierlm")
     loaded = []
-    monkeypatch.setattr(example, "_load", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
+    monkeypatch.setattr(example, "load_pretrained", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
     base = ["--model", str(tmp_path / "any"), "--eval_file", str(tmp_path / "eval.txt"), "--device", "cpu"]
     (tmp_path / "results").mkdir()
     with pytest.raises(ValueError, match="--output .*results' is a directory; give the path of the JSON file"):
