@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
+from .modeling_calm_graphs import GRAPH_MODES, CalmBlockRunner, block_sizes, graph_capable_cache
 from .modeling_calm_generation_settings import (
     CALM_GENERATION_DEFAULTS,
     NOISE_BLOCK_STEPS,
@@ -105,6 +106,10 @@ class CalmDecodingState:
     static_cache: StaticCache | None = None  # reused by compiled decoding: the graphs keep its addresses
     static_cache_key: tuple | None = None  # (batch, length, dtype, device) it was built for
     compile_failed: bool = False  # compiling or running the compiled step failed once: stay eager
+    graphs: dict = field(default_factory=dict)  # CUDA-graph blocks (`modeling_calm_graphs`) over `graphs_cache`
+    graphs_cache: StaticCache | None = None  # the static cache the kept graphs were recorded over
+    graph_pool: tuple | None = None  # the memory pool all of this model's graphs share
+    graph_stream: torch.cuda.Stream | None = None  # the side stream graphs are warmed up and recorded on
     last_decoding: str | None = None  # which path the last call took (`model.calm_last_decoding`)
 
     def __reduce__(self):
@@ -357,7 +362,8 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
             if settings["calm_compile"] is not False and state.compile_failed:
                 state.last_decoding += " (compiling failed earlier)"
             return result
-        if settings["calm_compile"] is None:  # chosen for the caller: say what the first call costs
+        mode = settings["calm_compile_mode"]
+        if settings["calm_compile"] is None and mode not in GRAPH_MODES:  # chosen for the caller: say what it costs
             logger.warning_once(
                 "CALM compiles its decoding step on CUDA (torch.compile, CUDA graphs) for each new batch size, "
                 "length and temperature: such a first call takes from tens of seconds to about two minutes, "
@@ -372,8 +378,9 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
                 return result
             rng_state = plan.rng.get_state()
             try:
-                result = self._calm_decode(plan, compiled=settings["calm_compile_mode"], static=True)
-                state.last_decoding = f"compiled ({settings['calm_compile_mode']}, static cache)"
+                result = self._calm_decode(plan, compiled=mode, static=True)
+                if mode not in GRAPH_MODES:
+                    state.last_decoding = f"compiled ({mode}, static cache)"
             except CalmNonFiniteError:
                 raise
             except Exception as error:  # noqa: BLE001 - any compile/runtime failure falls back to eager
@@ -454,6 +461,30 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
             f"{int(first_bad.min())}." + hint
         )
 
+    def _calm_step_runner(self, plan: CalmDecodingPlan, compiled: str | None, cache):
+        """The step function of this call and, in the CUDA-graph modes (`modeling_calm_graphs`), the block runner
+        (None for eager and plain torch.compile decoding)."""
+        if compiled is None:
+            return type(self)._calm_step, None
+        if compiled not in GRAPH_MODES:
+            return _compiled_step(compiled), None
+        state = self._calm_state
+        if not graph_capable_cache(cache):
+            logger.warning_once(
+                f"calm_compile_mode={compiled!r} needs plain static cache layers, but this backbone's cache has "
+                "sliding-window layers (host-side counters a CUDA graph would freeze): decoding with "
+                "torch.compile('reduce-overhead') instead."
+            )
+            state.last_decoding = "compiled (reduce-overhead, static cache; sliding-window cache)"
+            return _compiled_step("reduce-overhead"), None
+        inner = GRAPH_MODES[compiled]
+        step_fn = type(self)._calm_step if inner is None else _compiled_step(inner)
+        capture = self.device.type == "cuda"
+        state.last_decoding = (
+            f"cuda graphs ({compiled}, static cache)" if capture else f"blocks ({compiled}, not recorded: no CUDA)"
+        )
+        return step_fn, CalmBlockRunner(self, state, cache, step_fn, compiled, plan.temperature, capture)
+
     def _calm_decode(self, plan: CalmDecodingPlan, compiled: str | None, static: bool):
         """Prefill, then `steps` decoding steps. Returns (new tokens `[B, new]` after stop masking, latents)."""
         steps, rng = plan.steps, plan.rng
@@ -464,8 +495,8 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
         cache, hidden, mask_at = self._calm_prefill(plan, static, reuse=run_compiled)
         step_positions = plan.num_chunks[None, :, None] + torch.arange(steps, device=device)[:, None, None]  # [G, B, 1]
 
-        step_fn = _compiled_step(compiled) if run_compiled else type(self)._calm_step
-        cudagraphs = run_compiled and "reduce-overhead" in str(compiled) and device.type == "cuda"
+        step_fn, runner = self._calm_step_runner(plan, compiled, cache)
+        cudagraphs = run_compiled and runner is None and "reduce-overhead" in str(compiled) and device.type == "cuda"
         tokens_out = torch.empty(batch, steps * k, dtype=torch.long, device=device)
         latents_out = None
         if plan.want_latents:
@@ -478,9 +509,11 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
         prompt_finite = torch.isfinite(hidden).all(-1)  # [B]
         first_bad = torch.full((batch,), steps, dtype=torch.long, device=device)  # step of a row's first bad latent
 
-        steps_run = 0
+        # Blocks of steps: one step each, or (CUDA graphs) up to NOISE_BLOCK_STEPS, never across a noise block.
+        sizes = block_sizes(steps, NOISE_BLOCK_STEPS) if runner is not None else [1] * steps
+        steps_run = i = 0
         noise_block = uniform_block = None
-        for i in range(steps):
+        for size in sizes:
             block_index = i % NOISE_BLOCK_STEPS
             if block_index == 0:
                 count = min(NOISE_BLOCK_STEPS, steps - i)
@@ -498,6 +531,12 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
             if plan.exact:
                 tokens, latents = self._calm_exact_chunk(hidden, plan)
                 hidden = self._calm_advance(tokens, cache, position_ids, mask)
+                tokens, latents = tokens[None], latents[None]
+            elif runner is not None:
+                window = slice(block_index, block_index + size)
+                tokens, latents, hidden = runner.run(
+                    hidden, noise_block[window], uniform_block[window] if approximate else None, position_ids, mask
+                )
             else:
                 uniforms = uniform_block[block_index] if approximate else None
                 if cudagraphs:
@@ -507,14 +546,24 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
                 )
                 if run_compiled:
                     hidden = hidden.clone()  # the graph's output buffers are reused by the next replay
-            tokens_out[:, i * k : (i + 1) * k] = tokens
-            bad = ~torch.isfinite(latents).all(-1) & (first_bad == steps)
-            first_bad = torch.where(bad, i, first_bad)
+                tokens, latents = tokens[None], latents[None]
+            # tokens [S, B, K], latents [S, B, Z] for the block's S steps
+            tokens_out[:, i * k : (i + size) * k] = tokens.transpose(0, 1).reshape(batch, size * k)
+            bad = ~torch.isfinite(latents).all(-1)  # [S, B]
+            first_bad = torch.minimum(first_bad, torch.where(bad.any(0), bad.int().argmax(0) + i, steps))
             if latents_out is not None:
-                latents_out[:, i] = latents
-            steps_run = i + 1
-            if stops.after_step(tokens_out[:, : steps_run * k], tokens, i):
+                latents_out[:, i : i + size] = latents.transpose(0, 1)
+            done = False
+            for j in range(size):
+                steps_run = i + j + 1
+                if stops.after_step(tokens_out[:, : steps_run * k], tokens[j], i + j):
+                    done = True
+                    break
+            i += size
+            if done:
                 break
+        # Steps of a block after the stop were decoded in vain: their latents do not count.
+        first_bad = torch.where(first_bad < steps_run, first_bad, steps)
         if plan.streamer is not None:
             plan.streamer.end()
         self._calm_check_finite(prompt_finite, first_bad, steps)

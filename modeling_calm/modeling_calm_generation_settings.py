@@ -38,8 +38,11 @@ CALM_GENERATION_DEFAULTS = {
     "calm_num_candidates": DEFAULT_NUM_CANDIDATES,  # N of the approximate method (and the exact method's fallback)
     "calm_max_rounds": DEFAULT_MAX_ROUNDS,  # cap on the exact method's rounds of head calls
     "calm_stop_on_bos": True,  # a generated BOS (a new document) stops the row, like an EOS
-    "calm_compile": None,  # None: compile the decoding step on CUDA; True/False: force
-    "calm_compile_mode": "reduce-overhead",
+    "calm_compile": None,  # None: fast decoding on CUDA (see calm_compile_mode); True/False: force
+    # "cudagraph": the eager step recorded in CUDA graphs (modeling_calm_graphs; a new shape is ready in about a
+    # second); "cudagraph+inductor": the inductor-compiled step recorded the same way; or any torch.compile mode
+    # ("reduce-overhead", "default", "max-autotune", ...) or "backend:NAME" for the step compiled on its own.
+    "calm_compile_mode": "cudagraph",
     # Refuse a step whose N candidates would need more memory than this many bytes (estimate: `_calm_candidate_memory`);
     # None: DEFAULT_CANDIDATE_MEMORY. Not saved unless set.
     "calm_max_candidate_memory": None,
