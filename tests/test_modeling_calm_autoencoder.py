@@ -114,3 +114,22 @@ def test_save_load_round_trip_ties_the_output_projection(tmp_path):
     from safetensors.torch import load_file
 
     assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # stored once
+
+
+def test_split_argmax_projection_equals_the_full_argmax_with_its_tie_rule():
+    """decode_tokens' CUDA path for unaligned vocabularies (two products, aligned rows and the rest)."""
+    from modeling_calm.modeling_calm_autoencoder import split_argmax_projection
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(300, 16, generator=g), torch.randn(99, 16, generator=g)
+    bias = torch.randn(99, generator=g)
+    for split in (1, 64, 98):
+        for b in (None, bias):
+            full = torch.nn.functional.linear(hidden, weight, b).argmax(-1)
+            assert torch.equal(split_argmax_projection(hidden, weight, b, split), full)
+    # Ties across the split go to the lower index; a strictly larger rest row wins.
+    weight = torch.zeros(5, 2)
+    weight[1], weight[4] = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])
+    assert split_argmax_projection(torch.tensor([[1.0, 0.0]]), weight, None, 3).tolist() == [1]
+    weight[4, 0] = 2.0
+    assert split_argmax_projection(torch.tensor([[1.0, 0.0]]), weight, None, 3).tolist() == [4]

@@ -237,5 +237,16 @@ def test_recorded_graphs_equal_eager_decoding_on_cuda(mode, temperature, candida
         graphs = model.generate(ids, **kwargs, calm_compile=True, calm_compile_mode=mode)
         assert model.calm_last_decoding == f"cuda graphs ({mode}, static cache)"
         assert torch.equal(graphs.sequences, eager.sequences)
-        torch.testing.assert_close(graphs.latents, eager.latents, atol=0, rtol=0)
+        if mode == "cudagraph":  # the eager kernels, replayed: bit for bit
+            torch.testing.assert_close(graphs.latents, eager.latents, atol=0, rtol=0)
+        else:  # inductor's fused kernels round differently
+            torch.testing.assert_close(graphs.latents, eager.latents, atol=1e-4, rtol=1e-4)
     assert all(block.graph is not None for block in model._calm_state.graphs.values())
+
+
+@cuda
+def test_decode_tokens_on_cuda_with_an_unaligned_vocabulary_equals_the_full_argmax():
+    model = make_model().cuda()  # vocabulary 99: projected as rows [:64] and [64:]
+    latents = torch.randn(500, 1, model.config.latent_size, device="cuda")
+    full = model.autoencoder.decode(latents).argmax(-1)
+    assert torch.equal(model.autoencoder.decode_tokens(latents), full)
