@@ -7,9 +7,12 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from transformers import TrainerControl
 
 from modeling_calm.data_calm import train_bpe_tokenizer
 from tests.utils import WORDS, write_word_corpus
@@ -34,8 +37,9 @@ def ablations():
 @pytest.fixture
 def fake_data(tmp_path):
     """A folder with the names validate() looks for (their content is never read by the checks)."""
-    for name in ("train_ids.npy", "heldout.jsonl", "data.json"):
+    for name in ("train_ids.npy", "heldout.jsonl"):
         (tmp_path / name).write_text("")
+    (tmp_path / "data.json").write_text("{}")
     (tmp_path / "tokenizer").mkdir()
     return tmp_path
 
@@ -88,6 +92,43 @@ def test_every_arm_changes_one_thing_against_the_pipeline_calm(ablations, fake_d
     assert ablations.job_requires("transformer", args) is None
 
 
+def test_an_arm_near_the_deadline_stops_with_a_last_checkpoint(ablations):
+    probed, updates = [], []
+    callback = ablations.StepCheckpoints(steps=100, curve_every=10, probe=lambda m, step, t: probed.append(step),
+                                         deadline=time.time() + 60, on_update=lambda s, t: updates.append(s),
+                                         first_probe_guess=1.0)
+    state, control = SimpleNamespace(global_step=0), TrainerControl()
+    callback.on_train_begin(None, state, control)
+    for step in (1, 10, 11):
+        state.global_step = step
+        assert not callback.on_step_end(None, state, control, model=None).should_training_stop
+    assert probed == [10] and not callback.truncated
+    callback.deadline = time.time() + 2.5  # too close for another step and checkpoint (1.5 x the longest + 2 s)
+    state.global_step = 12
+    assert callback.on_step_end(None, state, control, model=None).should_training_stop
+    assert callback.truncated and probed == [10, 12] and updates[-1] == 12  # the stopping step is scored
+    assert 0 <= callback.train_seconds() and callback.eval_seconds >= 0
+
+
+def test_the_final_merge_marks_unfinished_jobs(ablations, fake_data, tmp_path):
+    args = ablations.parse_args(["--data", str(fake_data), "--work", str(tmp_path / "w"), "--arms", "calm", "k2"])
+    work = Path(args.work)
+    jobs = ablations.job_order(args)
+    assert jobs == ["ae_k4", "ae_k2", "calm", "k2"]
+    ablations.write_record(work, "ae_k4", {"name": "ae_k4", "status": "done", "started_epoch": 0.0,
+                                           "finished_epoch": 10.0})
+    ablations.write_record(work, "calm", {"name": "calm", "status": "running", "started_epoch": 5.0, "curve": []})
+    results = ablations.merge(work, args, jobs, started=0.0, final=True)
+    assert results["arms"]["calm"]["status"] == "killed" and "hard stop" in results["arms"]["calm"]["error"]
+    assert ablations.read_record(work, "calm")["status"] == "killed"
+    assert results["arms"]["k2"] == {"name": "k2", "status": "not_started", "model": "calm", "changes": {"patch_size": 2},
+                                     "settings": ablations.arm_settings("k2", args), "steps_requested": 400}
+    assert results["autoencoders"]["ae_k2"]["status"] == "not_started"
+    assert results["autoencoders"]["ae_k4"]["mean_concurrency"] == pytest.approx(1.5)  # calm ran for its last 5 s
+    assert json.loads((work / "ablations.json").read_text()) == json.loads(json.dumps(results))
+    assert "| k2 | patch_size 2 | not_started |" in _module("plot_ablations").markdown_table(results)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("abl_data")
@@ -124,6 +165,9 @@ def test_ablations_tiny_end_to_end(ablations, data, tmp_path):
     assert setup["arguments"]["steps"] == 4 and setup["arguments"]["parallel"] == 2  # --tiny's budget
     assert list(results["arms"]) == list(ablations.DEFAULT_ARMS)
     assert {name: r["status"] for name, r in results["autoencoders"].items()} == {"ae_k4": "done", "ae_k2": "done"}
+    for name, autoencoder in results["autoencoders"].items():  # the pipeline's ae and ae_eval stages
+        assert autoencoder["patch_size"] == int(name[-1]) and 0 < autoencoder["steps"] <= 10
+        assert 0 <= autoencoder["heldout_eval"]["accuracy_posterior_sample"] <= 1
     assert set(results["skipped_arms"]) == {"ae_finetune"}
 
     tokens_per_step = setup["arguments"]["lm_batch"] * setup["arguments"]["block_size"]

@@ -18,9 +18,10 @@ K; the Transformer's token costs 6 x all its matmul parameters (the softmax laye
 score's pairwise distances (2 x N x M x Z per position, under 1 % of the head's FLOPs even at M = 400, so M shows
 in wall time, not in FLOPs) and evaluation.
 
-The two autoencoders (K = 4 for all CALM arms but `k2`, K = 2 for `k2`) are trained first by the pipeline's own
-`ae` stage (pipeline.stage_ae) for --ae_steps steps or --ae_seconds, whichever comes first; the Transformer trains
-meanwhile. Not run: `ae_finetune` (the autoencoder fine-tuned after a warm-up): CalmForCausalLM keeps it frozen by
+The two autoencoders (K = 4 for all CALM arms but `k2`, K = 2 for `k2`) are trained by the pipeline's own `ae`
+stage (pipeline.stage_ae) for --ae_steps steps or --ae_seconds, whichever comes first, and scored by its `ae_eval`
+stage on the first --eval_blocks held-out blocks; the K = 4 one first, with only the Transformer beside it (13
+arms wait for it), then the K = 2 one beside the first CALM arms. Not run: `ae_finetune` (the autoencoder fine-tuned after a warm-up): CalmForCausalLM keeps it frozen by
 construction (UNSUPPORTED_ARMS says why).
 
 Layout: WORK/jobs/<job>.json (one record per arm or autoencoder, rewritten at every checkpoint), WORK/ablations.json
@@ -398,17 +399,20 @@ def run_arm(name: str, args, work: Path, tokenizer, train_ids, heldout, record: 
     update(result.global_step, checkpoints.train_seconds(), status="truncated" if checkpoints.truncated else "done")
 
 
-def run_autoencoder(job: str, args, work: Path, tokenizer, train_ids, record: dict) -> None:
-    """The pipeline's own `ae` stage into WORK/ae_k<K> (kept if it finished before: the stage resumes)."""
+def run_autoencoder(job: str, args, work: Path, tokenizer, train_ids, heldout, record: dict) -> None:
+    """The pipeline's own `ae` stage into WORK/ae_k<K>, then its `ae_eval` stage (token accuracy) on the first
+    --eval_blocks held-out blocks (each kept if it finished before: the stages resume)."""
     folder = work / job
-    done = folder / "ae" / "done.json"
-    if not done.exists():
-        ae_args = argparse.Namespace(**vars(args))
-        ae_args.patch_size = int(job[len("ae_k"):])
+    ae_args = argparse.Namespace(**vars(args))
+    ae_args.patch_size = int(job[len("ae_k"):])
+    if not (folder / "ae" / "done.json").exists():
         pipeline.stage_ae(folder, ae_args, tokenizer, train_ids)
-    summary = json.loads(done.read_text())
-    record.update({k: v for k, v in summary.items() if k != "log"}, status="done",
-                  model_path=str(folder / "ae" / "model"), patch_size=int(job[len("ae_k"):]))
+    if not (folder / "ae_eval" / "done.json").exists():
+        pipeline.stage_ae_eval(folder, ae_args, tokenizer, {k: v[: args.eval_blocks] for k, v in heldout.items()})
+    summary = json.loads((folder / "ae" / "done.json").read_text())
+    accuracy = json.loads((folder / "ae_eval" / "done.json").read_text())
+    record.update({k: v for k, v in summary.items() if k != "log"}, status="done", heldout_eval=accuracy,
+                  model_path=str(folder / "ae" / "model"), patch_size=ae_args.patch_size)
     write_record(work, job, record)
 
 
@@ -448,7 +452,7 @@ def worker(args) -> None:
             print(f"[worker {args.worker}] {job} start", flush=True)
             try:
                 if job.startswith("ae_k"):
-                    run_autoencoder(job, args, work, tokenizer, train_ids, record)
+                    run_autoencoder(job, args, work, tokenizer, train_ids, heldout, record)
                 else:
                     run_arm(job, args, work, tokenizer, train_ids, heldout, record)
             except Exception as error:  # one arm's failure (e.g. out of memory) must not stop the others
@@ -513,7 +517,8 @@ def merge(work: Path, args, jobs: list[str], started: float, final: bool) -> dic
             write_record(work, job, record)
     present = [r for r in records.values() if r is not None]
     for record in present:
-        record["mean_concurrency"] = mean_concurrency(record, present, now)
+        if record.get("started_epoch") is not None:
+            record["mean_concurrency"] = mean_concurrency(record, present, now)
     environment = next((r["environment"] for r in present if r.get("environment")), None)
     arguments = {k: getattr(args, k) for k in (
         "steps", "curve_every", "parallel", "limit", "ae_steps", "ae_seconds", "eval_blocks", "eval_batch", "seeds",

@@ -20,6 +20,9 @@ Stages (each resumable: a finished stage leaves `WORK/<stage>/done.json` and is 
 Upcycling at equal compute (issue 19): `--lm_seconds 120 --donor_seconds 60 --stages ae baseline upcycle calm
 eval_heldout eval samples summary`; eval and samples score the upcycled CALM too (as "upcycle").
 
+Ablations of the CALM (issue 19, item 3: learning rate, warm-up, N, M, head depth, noise size, K, head type) run
+through ablations.py, which imports this file's parser, stages and FLOP counts.
+
 A second CALM (e.g. K = 2) can share a finished run's baseline: `--patch_size 2 --reuse_baseline WORK_OF_K4`
 links that baseline into the new WORK folder and skips its training.
 

@@ -85,7 +85,9 @@ def markdown_table(results: dict) -> str:
     autoencoders = results.get("autoencoders", {})
     if autoencoders:
         parts = [f"{name}: {r.get('status')}, {r.get('steps', '-')} steps, {_fmt(r.get('train_seconds'), digits=1)} s, "
-                 f"final loss {_fmt(r.get('final_loss'), digits=3)}" for name, r in autoencoders.items()]
+                 f"held-out token accuracy (z sampled) "
+                 f"{_fmt((r.get('heldout_eval') or {}).get('accuracy_posterior_sample'), 100, 3)} %"
+                 for name, r in autoencoders.items()]
         notes.append("Autoencoders: " + "; ".join(parts) + ".")
     for name, reason in (results.get("skipped_arms") or {}).items():
         notes.append(f"Not run: {name}: {reason}")
@@ -114,9 +116,11 @@ def plot(results: dict, path: Path) -> None:
     setup = results.get("setup", {})
     baseline = setup.get("baseline", "calm")
     arms = {name: r for name, r in results.get("arms", {}).items() if r.get("curve")}
-    colors = plt.get_cmap("tab20")
+    palette = plt.get_cmap("tab20")
+    colors = [palette(i) for i in range(20) if i not in (14, 15)]  # tab20 without its grays (the Transformer's)
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for index, (name, record) in enumerate(arms.items()):
+    others = 0
+    for name, record in arms.items():
         curve = record["curve"]
         flops = [p["flops"] for p in curve]
         if name == baseline:
@@ -124,7 +128,8 @@ def plot(results: dict, path: Path) -> None:
         elif record.get("model") == "transformer":
             style = dict(color="tab:gray", linestyle="--", linewidth=2, marker="s")
         else:
-            style = dict(color=colors(index % 20), linewidth=1.2, marker=".")
+            style = dict(color=colors[others % len(colors)], linewidth=1.2, marker=".")
+            others += 1
         for ax, key, scale in ((axes[0], "brier_lm", 1), (axes[1], "brier_1", 100)):
             values = [scale * p[key] for p in curve]
             errors = [scale * (p.get("std") or {}).get(key, 0.0) for p in curve]
