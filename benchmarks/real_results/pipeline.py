@@ -20,6 +20,9 @@ Stages (each resumable: a finished stage leaves `WORK/<stage>/done.json` and is 
 Upcycling at equal compute (issue 19): `--lm_seconds 120 --donor_seconds 60 --stages ae baseline upcycle calm
 eval_heldout eval samples summary`; eval and samples score the upcycled CALM too (as "upcycle").
 
+Ablations of the CALM (issue 19, item 3: learning rate, warm-up, N, M, head depth, noise size, K, head type) run
+through ablations.py, which imports this file's parser, stages and FLOP counts.
+
 A second CALM (e.g. K = 2) can share a finished run's baseline: `--patch_size 2 --reuse_baseline WORK_OF_K4`
 links that baseline into the new WORK folder and skips its training.
 
@@ -66,6 +69,7 @@ MODELS = ("calm", "baseline", "upcycle")  # WORK/<name>/model; eval and samples 
 NOISE_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.5)
 TEMPERATURES = (1.0, 0.5, 0.33)
 CALM_HEAD = dict(noise_size=64, num_mlp_layers=4, num_samples=8, num_target_samples=100)
+LM_WARMUP = 200  # warm-up steps of the language models (then a constant learning rate)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -152,7 +156,13 @@ def environment() -> dict:
     }
 
 
-def training_arguments(work: Path, args, lr: float, batch_size: int, warmup: int) -> TrainingArguments:
+def training_arguments(work: Path, args, lr: float, batch_size: int, warmup: int, max_steps: int = 10**7,
+                       workers: int | None = None, logging_steps: int = 50) -> TrainingArguments:
+    """The pipeline's optimizer and schedule (AdamW 0.9/0.95, weight decay 0.1, clip 1.0, constant lr after `warmup`
+    steps, bf16 on a GPU). `max_steps`: 10**7 leaves the stop to a time budget; `workers`: data loader processes
+    (default 2 on a GPU, 0 on a CPU)."""
+    if workers is None:
+        workers = 2 if torch.cuda.is_available() else 0
     return TrainingArguments(
         output_dir=str(work),
         per_device_train_batch_size=batch_size,
@@ -163,12 +173,12 @@ def training_arguments(work: Path, args, lr: float, batch_size: int, warmup: int
         adam_beta1=0.9,
         adam_beta2=0.95,
         max_grad_norm=1.0,
-        max_steps=10**7,  # the time budget stops training
+        max_steps=max_steps,
         bf16=torch.cuda.is_available(),
-        logging_steps=50,
+        logging_steps=logging_steps,
         save_strategy="no",
         report_to=[],
-        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+        dataloader_num_workers=workers,
         disable_tqdm=True,
         seed=args.seed,
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
@@ -186,7 +196,10 @@ def _matmul_params(module: torch.nn.Module) -> int:
 def calm_flops_per_token(model: CalmForCausalLM, context_chunks: int) -> float:
     config, k = model.config, model.config.patch_size
     backbone = _matmul_params(model.model) + _matmul_params(model.chunk_proj)
-    head = _matmul_params(model.head) * config.num_samples  # every position runs the head S times
+    # The energy head runs S = num_samples times per position (its conditioning projection, counted S times too,
+    # runs once: an overcount of about 4 % of the head at the default sizes); the flow and diffusion heads' training
+    # loss runs the network once per position (one time or noise level per position).
+    head = _matmul_params(model.head) * (config.num_samples if config.head_type == "energy" else 1)
     encoder = 2 * _matmul_params(model.autoencoder.encoder)  # forward only: target posteriors
     layers, width = config.backbone_config.num_hidden_layers, config.hidden_size
     per_position = 6 * (backbone + head) + encoder + 12 * layers * context_chunks * width
@@ -209,8 +222,9 @@ def stage_ae(work, args, tokenizer, train_ids):
     )
     model = CalmAutoencoder(config)
     budget = TimeBudget(args.ae_seconds)
+    max_steps = getattr(args, "ae_steps", None) or 10**7  # --ae_steps: also stop at this many steps
     trainer = Trainer(
-        model=model, args=training_arguments(work / "ae", args, args.ae_lr, args.ae_batch, 200),
+        model=model, args=training_arguments(work / "ae", args, args.ae_lr, args.ae_batch, 200, max_steps=max_steps),
         train_dataset=TokenBlocks(train_ids, args.block_size), callbacks=[budget],
     )
     result = trainer.train()
@@ -262,20 +276,27 @@ def stage_ae_eval(work, args, tokenizer, eval_blocks):
     update_results(work, "autoencoder_eval", results)
 
 
-def _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step):
+def _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step, seeds=(0,), label="curve"):
+    """`probe(model, step, train_time)`: BrierLM of the first --curve_blocks evaluation blocks over `seeds` (mean;
+    with several seeds also their std and the pooled estimate), appended to `curve` with the step's tokens and
+    training FLOPs (step x tokens per step x FLOPs per token)."""
     subset = {k: v[: args.curve_blocks] for k, v in eval_blocks.items()}
 
     def probe(model, step, train_time):
         was_training = model.training
         model.eval()
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-            result = evaluate_brier(model, subset, batch_size=args.eval_batch, seeds=(0,), progress=False)
+            result = evaluate_brier(model, subset, batch_size=args.eval_batch, seeds=tuple(seeds), progress=False)
         model.train(was_training)
         tokens = step * tokens_per_step
-        curve.append({"step": step, "train_seconds": train_time, "tokens": tokens, "flops": tokens * flops_per_token,
-                      "brier_lm": result["mean"]["brier_lm"],
-                      **{f"brier_{n}": result["mean"][f"brier_{n}"] for n in range(1, 5)}})
-        print(f"[curve] step {step} t={train_time:.0f}s BrierLM={curve[-1]['brier_lm']:.2f}", flush=True)
+        point = {"step": step, "train_seconds": train_time, "tokens": tokens, "flops": tokens * flops_per_token,
+                 "brier_lm": result["mean"]["brier_lm"],
+                 **{f"brier_{n}": result["mean"][f"brier_{n}"] for n in range(1, 5)}}
+        if len(seeds) > 1:
+            point.update(seeds=list(seeds), std=result["std"], pooled=result["pooled"])
+        curve.append(point)
+        print(f"[{label}] step {step} t={train_time:.0f}s BrierLM={point['brier_lm']:.2f} "
+              f"Brier-1={100 * point['brier_1']:.2f}", flush=True)
 
     return probe
 
@@ -288,7 +309,7 @@ def _train_lm(work, name, model, args, train_ids, eval_blocks, flops_per_token, 
                         _curve_probe(curve, eval_blocks, args, flops_per_token, tokens_per_step),
                         mark_seconds=mark_seconds, on_mark=on_mark)
     trainer = Trainer(
-        model=model, args=training_arguments(work / name, args, lr or args.lm_lr, args.lm_batch, 200),
+        model=model, args=training_arguments(work / name, args, lr or args.lm_lr, args.lm_batch, LM_WARMUP),
         train_dataset=TokenBlocks(train_ids, args.block_size), callbacks=[budget],
     )
     result = trainer.train()
@@ -480,7 +501,8 @@ def stage_summary(work, args):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-def main():
+def build_parser() -> argparse.ArgumentParser:
+    """The pipeline's command line; `build_parser().parse_args([])` holds its defaults (the ablations start there)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=".gpu")
     parser.add_argument("--work", default="runs/real_results")
@@ -493,6 +515,8 @@ def main():
     parser.add_argument("--ae_hidden", type=int, default=512)
     parser.add_argument("--ae_intermediate", type=int, default=1280)
     parser.add_argument("--ae_seconds", type=float, default=240)
+    parser.add_argument("--ae_steps", type=int, default=None,
+                        help="also stop the autoencoder after this many optimizer steps (default: --ae_seconds only)")
     parser.add_argument("--ae_batch", type=int, default=32)
     parser.add_argument("--ae_lr", type=float, default=5e-4)
     parser.add_argument("--hidden", type=int, default=512)
@@ -519,15 +543,39 @@ def main():
     parser.add_argument("--reuse_baseline", default=None, metavar="WORK",
                         help="use the finished baseline of another run's WORK folder (e.g. for a K = 2 CALM: "
                              "same backbone, tokenizer and data, so the Transformer need not be trained again)")
-    args = parser.parse_args()
+    return parser
+
+
+def apply_tiny(args) -> None:
+    """--tiny: sizes and budgets small enough for a CPU check."""
+    args.block_size, args.ae_hidden, args.ae_intermediate, args.latent_size = 64, 32, 64, 16
+    args.hidden, args.intermediate, args.layers, args.heads = 32, 64, 2, 4
+    args.ae_seconds = args.lm_seconds = 6
+    args.curve_every, args.curve_blocks, args.eval_block_size = 3, 2, 64
+    args.ae_batch = args.lm_batch = 8
+    args.seeds, args.num_prompts, args.new_tokens = [0, 1], 2, 8
+
+
+def load_train_ids(data: Path, tiny: bool) -> np.ndarray:
+    """The training corpus written by prepare_data.py (memory-mapped; its first 200,000 tokens with --tiny)."""
+    train_ids = np.load(Path(data) / "train_ids.npy", mmap_mode="r")
+    return np.asarray(train_ids[:200_000]) if tiny else train_ids
+
+
+def load_eval_blocks(path: Path, tokenizer, args, multiple_of: int) -> dict:
+    """WikiText-103 or the in-domain held-out text, as blocks of --eval_block_size tokens, whole chunks of
+    `multiple_of` tokens (the first 4 blocks with --tiny)."""
+    blocks = load_text_blocks(str(path), tokenizer, args.eval_block_size, multiple_of=multiple_of)
+    return {k: v[:4] for k, v in blocks.items()} if args.tiny else blocks
+
+
+def main():
+    args = build_parser().parse_args()
     if args.tiny:
-        args.block_size, args.ae_hidden, args.ae_intermediate, args.latent_size = 64, 32, 64, 16
-        args.hidden, args.intermediate, args.layers, args.heads = 32, 64, 2, 4
-        args.ae_seconds = args.lm_seconds = 6
-        args.curve_every, args.curve_blocks, args.eval_block_size = 3, 2, 64
-        args.ae_batch = args.lm_batch = 8
-        args.seeds, args.num_prompts, args.new_tokens = [0, 1], 2, 8
+        apply_tiny(args)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.ae_steps is not None and args.ae_steps < 1:
+        raise ValueError(f"--ae_steps must be an integer >= 1, got {args.ae_steps}.")
     if args.donor_seconds is not None and not 0 < args.donor_seconds < args.lm_seconds:
         raise ValueError(f"--donor_seconds must be > 0 and below --lm_seconds ({args.lm_seconds}), "
                          f"got {args.donor_seconds}.")
@@ -548,15 +596,8 @@ def main():
             raise ValueError(f"{target} exists and is not the baseline of {args.reuse_baseline!r}; remove it first.")
         args.stages = [stage for stage in args.stages if stage != "baseline"]
     tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
-    train_ids = np.load(data / "train_ids.npy", mmap_mode="r")
-    if args.tiny:
-        train_ids = np.asarray(train_ids[:200_000])
-
-    def load_eval_blocks(path: Path) -> dict:  # WikiText-103 or the in-domain held-out text, blocks of whole chunks
-        blocks = load_text_blocks(str(path), tokenizer, args.eval_block_size, multiple_of=args.patch_size)
-        return {k: v[:4] for k, v in blocks.items()} if args.tiny else blocks
-
-    eval_blocks = load_eval_blocks(data / "eval.jsonl")
+    train_ids = load_train_ids(data, args.tiny)
+    eval_blocks = load_eval_blocks(data / "eval.jsonl", tokenizer, args, args.patch_size)
     update_results(work, "setup", {**environment(), **json.loads((data / "data.json").read_text()),
                                    "arguments": {k: v for k, v in vars(args).items()},
                                    "eval_blocks": int(eval_blocks["input_ids"].shape[0])})
@@ -586,7 +627,8 @@ def main():
             if not heldout.exists():
                 print("[eval_heldout] no heldout.jsonl in the data folder: skipped", flush=True)
                 continue
-            stage_eval(work, args, tokenizer, load_eval_blocks(heldout), stage="eval_heldout", key="brier_lm_heldout")
+            stage_eval(work, args, tokenizer, load_eval_blocks(heldout, tokenizer, args, args.patch_size),
+                       stage="eval_heldout", key="brier_lm_heldout")
         elif stage == "samples":
             stage_samples(work, args, tokenizer, eval_blocks)
         print(f"[{stage}] done in {time.perf_counter() - start:.0f}s", flush=True)
