@@ -36,6 +36,15 @@ where the entry counts), it is used as is. A CALM implements it by sampling two 
 its generative head (continuing autoregressively, each sample on its own previous chunk, while K < max_n).
 Otherwise the model is treated as a standard transformers causal LM and scored by `score_causal_lm`.
 
+A protocol model may also have
+
+    model.score_brier_seeds(input_ids, labels=None, max_n=4, generators=[...]) -> [(per_position_brier, mask), ...]
+
+(same arguments, `attention_mask=` likewise) returning one `score_brier` result per generator, entry g equal to
+`score_brier(..., generator=generators[g])`. `evaluate_brier` then reads every batch once for all its seeds
+(batch i gets the generators `batch_seed(seed, i)` of every seed, as in one pass per seed, so the numbers do not
+change); a CALM uses it to run its backbone over a batch once instead of once per seed.
+
 Fast path (`score_causal_lm`) versus reference (`score_causal_lm_ref`)
 -------------------------------------------------------------------
 The fast path runs one forward over the whole block (first sampled token for every position at once, and the
@@ -418,28 +427,67 @@ def _takes_keyword(function, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def _score_batch(
-    model, batch: dict, max_n: int, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_inputs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     device = _model_device(model)
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device) if batch["labels"] is not None else None
     attention_mask = batch["attention_mask"].to(device) if batch["attention_mask"] is not None else None
+    return input_ids, labels, attention_mask
+
+
+def _protocol_extra(function, attention_mask: torch.Tensor | None) -> dict:
+    # Protocol models get right-padded blocks; padding is marked by labels of -100 (module docstring), and by the
+    # attention mask for those that take one (a CALM does).
+    if attention_mask is not None and _takes_keyword(function, "attention_mask"):
+        return {"attention_mask": attention_mask}
+    return {}
+
+
+def _check_protocol_output(name: str, brier: torch.Tensor, input_ids: torch.Tensor, max_n: int) -> None:
+    if brier.dim() != 3 or brier.shape[0] != input_ids.shape[0] or brier.shape[-1] != max_n:
+        raise ValueError(
+            f"model.{name} must return per-position estimates of shape [B={input_ids.shape[0]}, P, "
+            f"max_n={max_n}], got {tuple(brier.shape)}."
+        )
+
+
+def _score_batch(
+    model, batch: dict, max_n: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids, labels, attention_mask = _batch_inputs(model, batch)
     score_brier = getattr(model, "score_brier", None)
     if callable(score_brier):
-        # Protocol models get right-padded blocks; padding is marked by labels of -100 (module docstring), and by
-        # the attention mask for those that take one (a CALM does).
-        extra = {}
-        if attention_mask is not None and _takes_keyword(score_brier, "attention_mask"):
-            extra["attention_mask"] = attention_mask
+        extra = _protocol_extra(score_brier, attention_mask)
         brier, mask = score_brier(input_ids, labels=labels, max_n=max_n, generator=generator, **extra)
-        if brier.dim() != 3 or brier.shape[0] != input_ids.shape[0] or brier.shape[-1] != max_n:
-            raise ValueError(
-                f"model.score_brier must return per-position estimates of shape [B={input_ids.shape[0]}, P, "
-                f"max_n={max_n}], got {tuple(brier.shape)}."
-            )
+        _check_protocol_output("score_brier", brier, input_ids, max_n)
         return brier, mask
     return score_causal_lm(model, input_ids, attention_mask, labels, max_n=max_n, generator=generator)
+
+
+def _seeds_scorer(model):
+    """`model.score_brier_seeds` (one call scores a batch for several generators) if the model has it beside
+    `score_brier`, else None."""
+    score_brier_seeds = getattr(model, "score_brier_seeds", None)
+    if callable(score_brier_seeds) and callable(getattr(model, "score_brier", None)):
+        return score_brier_seeds
+    return None
+
+
+def _score_batch_seeds(
+    model, batch: dict, max_n: int, generators: list[torch.Generator]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    input_ids, labels, attention_mask = _batch_inputs(model, batch)
+    score_brier_seeds = _seeds_scorer(model)
+    extra = _protocol_extra(score_brier_seeds, attention_mask)
+    results = list(score_brier_seeds(input_ids, labels=labels, max_n=max_n, generators=generators, **extra))
+    if len(results) != len(generators):
+        raise ValueError(
+            f"model.score_brier_seeds must return one (brier, mask) per generator: got {len(results)} for "
+            f"{len(generators)} generators."
+        )
+    for brier, _ in results:
+        _check_protocol_output("score_brier_seeds", brier, input_ids, max_n)
+    return results
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -484,32 +532,68 @@ def _accumulate_sharded(
     """One pass of `seed` over all blocks, split over processes: batch i is scored by process i % world_size with
     its own generator seeded by `batch_seed(seed, i)`. The per-batch sums of every process are gathered and added
     in batch order, so every process returns the same accumulator, bit for bit the one a single process gets."""
-    local: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    local: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     batches, _ = _iter_batches(blocks, batch_size)
     with torch.no_grad():
         for index, batch in enumerate(batches):
             if index % world_size != rank:
                 continue
             brier, mask = _score_batch(model, batch, max_n, torch.Generator().manual_seed(batch_seed(seed, index)))
-            one = BrierAccumulator(max_n)
-            one.update(brier, mask)
-            local.append((index, one.sums, one.counts))
+            local.append((index, 0, *_batch_sums(brier, mask, max_n)))
             bar.update(1)
+    return _merge_batches(local, world_size, max_n, num_passes=1)[0]
+
+
+def _accumulate_sharded_seeds(
+    model, blocks: Blocks, batch_size: int, max_n: int, seeds: list[int], rank: int, world_size: int, bar: tqdm
+) -> list[BrierAccumulator]:
+    """The passes of all `seeds` at once, for a model with `score_brier_seeds`: every batch is read once and
+    scored for each seed with the generator `batch_seed(seed, i)` that `_accumulate_sharded` would give it, so
+    the accumulators are exactly those of one `_accumulate_sharded` per seed (a CALM runs its backbone once per
+    batch instead of once per batch and seed)."""
+    local: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+    batches, _ = _iter_batches(blocks, batch_size)
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if index % world_size != rank:
+                continue
+            generators = [torch.Generator().manual_seed(batch_seed(seed, index)) for seed in seeds]
+            for position, (brier, mask) in enumerate(_score_batch_seeds(model, batch, max_n, generators)):
+                local.append((index, position, *_batch_sums(brier, mask, max_n)))
+            bar.update(len(seeds))
+    return _merge_batches(local, world_size, max_n, num_passes=len(seeds))
+
+
+def _batch_sums(brier: torch.Tensor, mask: torch.Tensor, max_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    one = BrierAccumulator(max_n)
+    one.update(brier, mask)
+    return one.sums, one.counts
+
+
+def _merge_batches(
+    local: list[tuple[int, int, torch.Tensor, torch.Tensor]], world_size: int, max_n: int, num_passes: int
+) -> list[BrierAccumulator]:
+    """Gathers the (batch index, pass, sums, counts) records of every process and adds them in batch order, one
+    accumulator per pass; every batch index 0..N-1 must appear once per pass."""
     if world_size > 1:
         gathered: list = [None] * world_size
         torch.distributed.all_gather_object(gathered, local)
         local = [record for part in gathered for record in part]
-    accumulator = BrierAccumulator(max_n)
-    indices = [index for index, _, _ in local]
-    if len(set(indices)) != len(indices) or sorted(indices) != list(range(len(indices))):
-        raise ValueError(
-            f"The processes scored batches {sorted(indices)}, not each of 0..{len(indices) - 1} once: every process "
-            f"must see the same blocks in the same order."
-        )
-    for _, sums, counts in sorted(local, key=lambda record: record[0]):
-        accumulator.sums += sums
-        accumulator.counts += counts
-    return accumulator
+    accumulators = []
+    for position in range(num_passes):
+        records = sorted((r for r in local if r[1] == position), key=lambda record: record[0])
+        indices = [index for index, _, _, _ in records]
+        if len(set(indices)) != len(indices) or indices != list(range(len(indices))):
+            raise ValueError(
+                f"The processes scored batches {indices}, not each of 0..{len(indices) - 1} once: every process "
+                f"must see the same blocks in the same order."
+            )
+        accumulator = BrierAccumulator(max_n)
+        for _, _, sums, counts in records:
+            accumulator.sums += sums
+            accumulator.counts += counts
+        accumulators.append(accumulator)
+    return accumulators
 
 
 def score_blocks(
@@ -563,6 +647,8 @@ def evaluate_brier(
     hence slightly different numbers, than in versions with that scheme.) The blocks must come in the same order
     every pass and on every process, so an iterable of batches must be re-iterable: a list or a DataLoader (not
     shuffled), not a generator. The model is put in eval mode and restored to its previous mode afterwards.
+    A model with `score_brier_seeds` (a CALM) is given each batch once with the generators of all seeds (same
+    draws, same numbers; its backbone reads the batch once); other models are run one pass per seed.
 
     Several processes: when a torch.distributed default process group is initialized (e.g. by
     `accelerate.PartialState()` under `accelerate launch` or `torchrun`; gloo on CPUs, NCCL on GPUs), batch i is
@@ -605,8 +691,17 @@ def evaluate_brier(
     if world_size > 1:
         logger.info("BrierLM over %d processes (this is process %d).", world_size, rank)
     try:
-        for seed in seeds:
-            accumulator = _accumulate_sharded(model, blocks, batch_size, max_n, seed, rank, world_size, bar)
+        # A model with score_brier_seeds (a CALM) scores each batch once for all seeds; the numbers are the same.
+        together = (
+            _accumulate_sharded_seeds(model, blocks, batch_size, max_n, seeds, rank, world_size, bar)
+            if _seeds_scorer(model) is not None
+            else None
+        )
+        for position, seed in enumerate(seeds):
+            if together is not None:
+                accumulator = together[position]
+            else:
+                accumulator = _accumulate_sharded(model, blocks, batch_size, max_n, seed, rank, world_size, bar)
             result = accumulator.compute()
             per_seed.append({"seed": seed, **result})
             pooled.merge(accumulator)

@@ -34,7 +34,13 @@ from .modeling_calm_autoencoder import (
     checked_from_pretrained,
     resolve_device_map_strategy,
 )
-from .modeling_calm_brier import BRIER_LM_MAX_N, IGNORE_INDEX, brier_indicators, score_calm_brier
+from .modeling_calm_brier import (
+    BRIER_LM_MAX_N,
+    IGNORE_INDEX,
+    brier_indicators,
+    score_calm_brier,
+    score_calm_brier_seeds,
+)
 from .modeling_calm_compat import OUTPUT_CACHE_FIELD, backbone_cache_kwarg, output_cache, with_cache_field
 from .modeling_calm_generation import CalmGenerationMixin
 from .modeling_calm_heads import CALM_HEADS, CalmZeroInitLinear
@@ -586,6 +592,7 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
         max_n: int = BRIER_LM_MAX_N,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
+        lazy_decoding: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-chunk-boundary Brier-1..max_n estimates from two independent sampled continuations (arXiv 2510.27688,
         section "Likelihood-Free LM Evaluation").
@@ -605,11 +612,31 @@ class CalmForCausalLM(CalmPreTrainedModel, CalmGenerationMixin, GenerationMixin)
             attention_mask: `[B, T]` token mask (left or right padding). Padding is never scored, nor a boundary
                 whose targets or context run into it (a partly padded chunk is read whole, so boundaries after one
                 do not count); whole padding chunks are masked out, so they never change the other scores.
+            lazy_decoding: project a sampled token onto the vocabulary only while it can still change an estimate
+                (same estimates, fewer projections; `modeling_calm_brier.score_calm_brier_seeds`).
         Returns:
             `(brier [B, L, max_n] float32, mask [B, L] bool)`.
         """
         return score_calm_brier(
-            self, input_ids, labels=labels, max_n=max_n, generator=generator, attention_mask=attention_mask
+            self, input_ids, labels=labels, max_n=max_n, generator=generator, attention_mask=attention_mask,
+            lazy_decoding=lazy_decoding,
+        )
+
+    def score_brier_seeds(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        max_n: int = BRIER_LM_MAX_N,
+        generators=(None,),
+        attention_mask: torch.Tensor | None = None,
+        lazy_decoding: bool = True,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`score_brier` once per generator (e.g. one per seed of `evaluate_brier`), with one backbone forward over
+        the blocks for all of them: entry g equals `score_brier(..., generator=generators[g])` (arXiv 2510.27688,
+        section "Likelihood-Free LM Evaluation"; `modeling_calm_brier.score_calm_brier_seeds`)."""
+        return score_calm_brier_seeds(
+            self, input_ids, labels=labels, max_n=max_n, generators=generators, attention_mask=attention_mask,
+            lazy_decoding=lazy_decoding,
         )
 
     def score_brier_ref(

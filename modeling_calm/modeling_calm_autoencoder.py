@@ -288,24 +288,48 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
 
     @torch.no_grad()
     def decode_tokens(
-        self, latents: torch.Tensor, max_logits_per_block: int = MAX_LOGITS_PER_BLOCK
+        self,
+        latents: torch.Tensor,
+        max_logits_per_block: int = MAX_LOGITS_PER_BLOCK,
+        num_tokens: int | None = None,
     ) -> torch.LongTensor:
         """Argmax tokens of every latent: `[..., L, Z]` -> `[..., L * K]`, the one latent -> token decoder.
 
         The vocabulary projection runs in row blocks of at most `max_logits_per_block` logits, in the model's dtype,
         each reduced by argmax at once, so the float logits of all latents never exist together. Same tokens as
         `decode(latents).argmax(-1)`.
+
+        `num_tokens` (1..K, default K) keeps only the first `num_tokens` tokens of every chunk: `[..., L *
+        num_tokens]`, the same tokens as the full decode at those places, without projecting the others onto
+        the vocabulary (BrierLM needs only the first max_n tokens of a continuation).
         """
+        states = self.decoder_states(latents)  # [N, K, H]
+        if num_tokens is not None:
+            k = states.shape[1]
+            if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 1 <= num_tokens <= k:
+                raise ValueError(
+                    f"num_tokens must be an integer in [1, K={states.shape[1]}] (tokens kept per chunk), got "
+                    f"{num_tokens!r}."
+                )
+            states = states[:, :num_tokens]
+        tokens = self.argmax_tokens(states.reshape(-1, states.shape[-1]), max_logits_per_block)  # [N*K']
+        return tokens.view(*latents.shape[:-2], -1)
+
+    def decoder_states(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decoder output before the vocabulary projection: `[..., L, Z]` -> `[N, K, H]`, N = the number of
+        latents (in order), in the model's dtype. `argmax_tokens` turns any subset of its rows into tokens."""
         if latents.shape[-1] != self.config.latent_size:
             raise ValueError(
                 f"`latents` must end in latent_size={self.config.latent_size}, got shape {tuple(latents.shape)}."
             )
-        lead = latents.shape[:-2]
-        hidden = self.decoder(latents.reshape(-1, latents.shape[-1]).to(self.lm_head.weight.dtype))  # [N, K, H]
-        flat = hidden.reshape(-1, hidden.shape[-1])  # [N*K, H]
+        return self.decoder(latents.reshape(-1, latents.shape[-1]).to(self.lm_head.weight.dtype))
+
+    @torch.no_grad()
+    def argmax_tokens(self, states: torch.Tensor, max_logits_per_block: int = MAX_LOGITS_PER_BLOCK) -> torch.Tensor:
+        """Argmax token of every decoder state `[M, H]` -> `[M]`, projected in row blocks of at most
+        `max_logits_per_block` logits (see `decode_tokens`)."""
         rows = max(1, max_logits_per_block // self.config.vocab_size)
-        tokens = torch.cat([self._argmax_tokens(part) for part in flat.split(rows)])  # [N*K]
-        return tokens.view(*lead, -1)
+        return torch.cat([self._argmax_tokens(part) for part in states.split(rows)])
 
     def _argmax_tokens(self, hidden: torch.Tensor) -> torch.LongTensor:
         """`argmax(lm_head(hidden), -1)` for `[R, H]`: on CUDA, with an unaligned vocabulary and a plain Linear, as

@@ -9,8 +9,9 @@ docs/brierlm.md.
 
 This module holds three things: the estimator (`brier_indicators`, `brier_sums`, `brier_scores`, `brier_lm`,
 `BrierAccumulator`), the pieces every sampler shares (the constants, `check_maskable_attention`,
-`continuation_attention_mask`, `gather_targets`), and the CALM sampler (`score_calm_brier`, fast and reference).
-`evaluation_calm` (not shipped) builds the causal-LM sampler from the same pieces.
+`continuation_attention_mask`, `gather_targets`), and the CALM sampler (`score_calm_brier`, fast and reference;
+`score_calm_brier_seeds`, the fast path for several generators with one backbone forward, and lazy decoding: see
+docs/brierlm.md, "Speed"). `evaluation_calm` (not shipped) builds the causal-LM sampler from the same pieces.
 
 Shape letters (besides those of `modeling_calm`): `...` any leading dimensions, R = ceil(max_n / K) head steps
 per sample, U scored positions (chunk boundaries for a CALM), and the estimator's `n_tokens >= max_n` tokens per
@@ -20,10 +21,12 @@ positions (and seeds) are meaningful.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .modeling_calm_compat import output_cache
 from .modeling_calm_sampling import check_positive_int
@@ -53,6 +56,7 @@ __all__ = [
     "sample_brier_continuations",
     "sample_brier_continuations_ref",
     "score_calm_brier",
+    "score_calm_brier_seeds",
 ]
 
 # The paper's BrierLM is the geometric mean of Brier-1..4.
@@ -417,10 +421,141 @@ def _prepare_noise(model, input_ids, max_n, noise, generator) -> torch.Tensor:
     return noise.to(input_ids.device)
 
 
-def _sample_chunks(model, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Head sample on each hidden state, decoded to K tokens by argmax: `[..., D]`, `[..., E]` -> `[..., K]`."""
-    latents = model.head.sample(hidden, noise=noise.to(hidden.device))  # [..., Z]
-    return model.autoencoder.decode_tokens(latents.unsqueeze(-2))  # [..., 1, Z] -> [..., K]
+class _BrierPrefix:
+    """What the backbone forward over the blocks gives every sampling pass (one per generator): the hidden
+    states h_0..h_{U-1}, the KV cache of the L chunks (only while K < max_n) and the continuation layout."""
+
+    def __init__(self, model, input_ids: torch.Tensor, max_n: int, attention_mask: torch.Tensor | None):
+        k = model.config.patch_size
+        chunk_masks = brier_chunk_masks(attention_mask, k)
+        self.batch, length = input_ids.shape
+        self.k, self.max_n = k, max_n
+        self.num_chunks, self.steps = length // k, brier_num_steps(k, max_n)
+        self.positions = brier_num_positions(length, k, max_n)  # U boundaries with room for max_n targets
+        self.device = input_ids.device
+        self.seen = None if chunk_masks is None else chunk_masks[0]  # [B, L]
+        self.hidden = self.cache = None
+        if self.positions == 0:
+            return
+        if self.steps > 1:
+            check_maskable_attention(
+                model.model.config, f"The fast CALM Brier sampler (K={k} < max_n={max_n})", "score_brier_ref"
+            )
+        seen = self.seen
+        out = model(input_ids=input_ids, attention_mask=None if seen is None else seen.long(), use_cache=self.steps > 1)
+        self.hidden = out.last_hidden_state[:, : self.positions]  # [B, U, D]: h_i after chunks 0..i
+        self.dtype = out.last_hidden_state.dtype
+        if self.steps == 1:
+            return
+        self.cache = output_cache(out)
+        if self.cache is None:
+            raise ValueError("The backbone returned no KV cache; the fast CALM Brier sampler needs a KV cache.")
+        device, positions, num_chunks = self.device, self.positions, self.num_chunks
+        # Prefix visibility [B, 2U, L]: row (i, s) sees chunks 0..i of the block (already in the cache).
+        causal = torch.arange(num_chunks, device=device)[None, :] <= torch.arange(positions, device=device)[:, None]
+        prefix = causal.repeat_interleave(NUM_BRIER_SAMPLES, dim=0)[None].expand(self.batch, -1, -1)
+        if seen is None:
+            chunk_positions = torch.arange(num_chunks, device=device)[None].expand(self.batch, -1)  # [B, L]
+        else:
+            prefix = prefix & seen[:, None, :]  # padding chunks are never seen
+            chunk_positions = (seen.long().cumsum(-1) - 1).clamp(min=0)  # as the forward counts them
+        self.prefix = prefix
+        self.row_positions = chunk_positions[:, :positions].repeat_interleave(NUM_BRIER_SAMPLES, dim=1)  # [B, 2U]
+
+    def sample(self, model, noise: torch.Tensor, decode, keep_cache: bool) -> torch.Tensor:
+        """One sampling pass: `noise [B, L, 2, R, E]` -> samples `[B, L, 2, R*K]` (see `sample_brier_continuations`).
+
+        `decode(step, latents [B, U, 2, Z]) -> tokens [B, U, 2, K]` turns the head's latents of continuation step
+        `step` into tokens (PAD_SAMPLE where it decodes none). With `keep_cache`, the continuation appends to a copy
+        of the prefix cache, so that another pass can start from the same prefix.
+        """
+        batch, k, positions = self.batch, self.k, self.positions
+        samples = torch.full(
+            (batch, self.num_chunks, NUM_BRIER_SAMPLES, self.steps * k), PAD_SAMPLE, dtype=torch.long,
+            device=self.device,
+        )
+        if positions == 0:
+            return samples
+        hidden = self.hidden[:, :, None].expand(-1, -1, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
+        latents = model.head.sample(hidden, noise=noise[:, :positions, :, 0].to(hidden.device))  # [B, U, 2, Z]
+        tokens = decode(0, latents)  # [B, U, 2, K]
+        samples[:, :positions, :, :k] = tokens
+        if self.steps == 1:
+            return _blank_padding(samples, self.seen)
+
+        cache = copy.deepcopy(self.cache) if keep_cache else self.cache
+        rows = NUM_BRIER_SAMPLES * positions  # continuation rows per block, row r = 2 i + s
+        for step in range(1, self.steps):
+            # Keys: L prefix chunks, then `step` appended groups (the last is this step's input).
+            additive = continuation_attention_mask(self.prefix, step, self.dtype)  # [B, 2U, L + 2U * step]
+            # Previous chunk of each row -> [B, 2U, D]; a token the decoder skipped (its row can no longer change any
+            # estimate) is read as token 0.
+            embeds = model.embed_chunks(tokens.clamp(min=0).reshape(batch, rows * k))
+            out = model.model(
+                inputs_embeds=embeds,
+                attention_mask=additive[:, None],  # [B, 1, 2U, L + 2U * step]
+                position_ids=self.row_positions + step,  # continuation chunk of row (i, s) at i + step
+                use_cache=True,
+                **{model._cache_kwarg: cache},
+            )
+            cache = output_cache(out)
+            hidden = out.last_hidden_state.view(batch, positions, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
+            latents = model.head.sample(hidden, noise=noise[:, :positions, :, step].to(hidden.device))
+            tokens = decode(step, latents)  # [B, U, 2, K]
+            samples[:, :positions, :, step * k : (step + 1) * k] = tokens
+        return _blank_padding(samples, self.seen)
+
+
+def _full_decoder(model, num_tokens: int | None = None):
+    """`decode` of `_BrierPrefix.sample` that decodes every latent to its K tokens, or (with `num_tokens`) only
+    the first `num_tokens` tokens of each continuation, PAD_SAMPLE after them."""
+    k = model.config.patch_size
+    trims = hasattr(model.autoencoder, "decoder_states")  # an autoencoder with only decode_tokens decodes in full
+
+    def decode(step: int, latents: torch.Tensor) -> torch.Tensor:
+        keep = k if num_tokens is None else min(k, num_tokens - step * k)
+        if keep >= k or not trims:
+            return model.autoencoder.decode_tokens(latents.unsqueeze(-2))  # [..., 1, Z] -> [..., K]
+        tokens = model.autoencoder.decode_tokens(latents.unsqueeze(-2), num_tokens=keep)  # [..., keep]
+        return F.pad(tokens, (0, k - keep), value=PAD_SAMPLE)
+
+    return decode
+
+
+class _LazyDecoder:
+    """`decode` of `_BrierPrefix.sample` that projects onto the vocabulary only the tokens that can still change
+    an estimate.
+
+    Token t of sample s at a boundary enters Brier-n (n > t) only through the prefix products of
+    `brier_indicators`: 1{x_s[:n] = y[:n]} and 1{x_1[:n] = x_2[:n]}. Once x_s[:t] differs from y[:t] and x_1[:t]
+    from x_2[:t], both are 0 whatever comes next, so token t of sample s is decoded iff its hit chain or the
+    collision chain is still alive (and the boundary counts at all). The estimates are those of the full decode;
+    the skipped entries hold PAD_SAMPLE. Only the vocabulary projection (most of a CALM's scoring FLOPs with a
+    large vocabulary) is skipped: the head and the decoder run on every row.
+    """
+
+    def __init__(self, model, targets: torch.Tensor, valid: torch.Tensor):
+        self.autoencoder = model.autoencoder
+        self.k = model.config.patch_size
+        self.targets = targets  # [B, U, max_n]
+        alive = valid[..., None].expand(*valid.shape, NUM_BRIER_SAMPLES).clone()  # [B, U, 2] hit chains
+        self.hits, self.collide = alive, valid.clone()  # [B, U, 2], [B, U]
+
+    def __call__(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        lead = latents.shape[:-1]  # [B, U, 2]
+        states = self.autoencoder.decoder_states(latents.unsqueeze(-2))  # [B*U*2, K, H]
+        tokens = torch.full((*lead, self.k), PAD_SAMPLE, dtype=torch.long, device=latents.device)
+        for j in range(min(self.k, self.targets.shape[-1] - step * self.k)):
+            y = self.targets[..., step * self.k + j]  # [B, U]
+            need = (self.hits | self.collide[..., None]).flatten()  # [B*U*2] rows of `states`
+            rows = need.nonzero().squeeze(-1)  # the step's one host sync
+            column = torch.full_like(need, PAD_SAMPLE, dtype=torch.long)
+            if rows.numel():
+                column.index_copy_(0, rows, self.autoencoder.argmax_tokens(states[:, j].index_select(0, rows)))
+            tokens[..., j] = column.view(lead)
+            self.hits &= tokens[..., j] == y[..., None]
+            self.collide &= tokens[..., 0, j] == tokens[..., 1, j]
+        return tokens
 
 
 @torch.no_grad()
@@ -448,60 +583,10 @@ def sample_brier_continuations(
         `torch.LongTensor` of shape `[B, L, 2, R*K]`: `samples[b, i, s]` continues tokens 0..(i+1)K-1 of block
         b. Boundaries whose max_n targets run past the block end, or that are padding chunks, hold -1.
     """
-    k = _check_inputs(model, input_ids, None, max_n, attention_mask)
-    chunk_masks = brier_chunk_masks(attention_mask, k)
+    _check_inputs(model, input_ids, None, max_n, attention_mask)
     noise = _prepare_noise(model, input_ids, max_n, noise, generator)
-    batch, length = input_ids.shape
-    num_chunks, steps = length // k, brier_num_steps(k, max_n)
-    positions = brier_num_positions(length, k, max_n)  # U boundaries with room for max_n targets
-    device = input_ids.device
-    samples = torch.full((batch, num_chunks, NUM_BRIER_SAMPLES, steps * k), PAD_SAMPLE, dtype=torch.long, device=device)
-    if positions == 0:
-        return samples
-    if steps > 1:
-        check_maskable_attention(
-            model.model.config, f"The fast CALM Brier sampler (K={k} < max_n={max_n})", "score_brier_ref"
-        )
-
-    seen = None if chunk_masks is None else chunk_masks[0]  # [B, L]
-    out = model(input_ids=input_ids, attention_mask=None if seen is None else seen.long(), use_cache=steps > 1)
-    hidden = out.last_hidden_state[:, :positions]  # [B, U, D]: h_i after chunks 0..i
-    hidden = hidden[:, :, None].expand(-1, -1, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
-    tokens = _sample_chunks(model, hidden, noise[:, :positions, :, 0])  # [B, U, 2, K]
-    samples[:, :positions, :, :k] = tokens
-    if steps == 1:
-        return _blank_padding(samples, seen)
-    cache = output_cache(out)
-    if cache is None:
-        raise ValueError("The backbone returned no KV cache; the fast CALM Brier sampler needs a KV cache.")
-
-    rows = NUM_BRIER_SAMPLES * positions  # continuation rows per block, row r = 2 i + s
-    dtype = out.last_hidden_state.dtype
-    # Prefix visibility [2U, L]: row (i, s) sees chunks 0..i of the block (already in the cache).
-    causal = torch.arange(num_chunks, device=device)[None, :] <= torch.arange(positions, device=device)[:, None]
-    prefix = causal.repeat_interleave(NUM_BRIER_SAMPLES, dim=0)[None].expand(batch, -1, -1)  # [B, 2U, L]
-    if seen is None:
-        chunk_positions = torch.arange(num_chunks, device=device)[None].expand(batch, -1)  # [B, L]
-    else:
-        prefix = prefix & seen[:, None, :]  # padding chunks are never seen
-        chunk_positions = (seen.long().cumsum(-1) - 1).clamp(min=0)  # as the forward counts them
-    row_positions = chunk_positions[:, :positions].repeat_interleave(NUM_BRIER_SAMPLES, dim=1)  # [B, 2U]
-    for step in range(1, steps):
-        # Keys: L prefix chunks, then `step` appended groups (the last is this step's input).
-        additive = continuation_attention_mask(prefix, step, dtype)  # [B, 2U, L + 2U * step]
-        embeds = model.embed_chunks(tokens.reshape(batch, rows * k))  # previous chunk of each row -> [B, 2U, D]
-        out = model.model(
-            inputs_embeds=embeds,
-            attention_mask=additive[:, None],  # [B, 1, 2U, L + 2U * step]
-            position_ids=row_positions + step,  # continuation chunk of row (i, s) at i + step
-            use_cache=True,
-            **{model._cache_kwarg: cache},
-        )
-        cache = output_cache(out)
-        hidden = out.last_hidden_state.view(batch, positions, NUM_BRIER_SAMPLES, -1)  # [B, U, 2, D]
-        tokens = _sample_chunks(model, hidden, noise[:, :positions, :, step])  # [B, U, 2, K]
-        samples[:, :positions, :, step * k : (step + 1) * k] = tokens
-    return _blank_padding(samples, seen)
+    prefix = _BrierPrefix(model, input_ids, max_n, attention_mask)
+    return prefix.sample(model, noise, _full_decoder(model), keep_cache=False)
 
 
 def _blank_padding(samples: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
@@ -566,6 +651,18 @@ def brier_targets(
     return targets, (targets != IGNORE_INDEX).all(dim=-1)
 
 
+def _brier_targets_and_mask(model, input_ids, labels, max_n, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets [B, L, max_n] and the boundaries that count [B, L] (see `score_calm_brier`)."""
+    k = model.config.patch_size
+    if attention_mask is not None:  # padding is never a target
+        labels = (input_ids if labels is None else labels).masked_fill(attention_mask == 0, IGNORE_INDEX)
+    targets, valid = brier_targets(input_ids, labels, k, max_n)
+    chunk_masks = brier_chunk_masks(attention_mask, k)
+    if chunk_masks is not None:
+        valid &= chunk_masks[1].to(valid.device)
+    return targets, valid
+
+
 def score_calm_brier(
     model,
     input_ids: torch.Tensor,
@@ -575,6 +672,7 @@ def score_calm_brier(
     noise: torch.Tensor | None = None,
     reference: bool = False,
     attention_mask: torch.Tensor | None = None,
+    lazy_decoding: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-boundary Brier-1..max_n estimates of a CALM (the `score_brier` protocol of `evaluation_calm`).
 
@@ -589,6 +687,9 @@ def score_calm_brier(
         reference (`bool`, *optional*): use the slow reference sampler.
         attention_mask (`torch.Tensor` of shape `[B, T]`, *optional*): 1 on real tokens, 0 on padding (left or
             right). Padding is never a target and never scored; whole padding chunks are masked out of attention.
+        lazy_decoding (`bool`, *optional*, defaults to True): fast path only: project a sampled token onto the
+            vocabulary only while it can still change an estimate (see `score_calm_brier_seeds`); False decodes
+            the first max_n tokens of every continuation. Both give the same estimates.
 
     Returns:
         `(brier, mask)`: float32 [B, L, max_n] per-boundary estimates (0 where masked) and bool [B, L], True at
@@ -596,17 +697,81 @@ def score_calm_brier(
         context of whole real chunks ending in a real chunk (`brier_chunk_masks`). Boundary i is the token LM's
         position t = (i+1)K - 1, so on right-padded or whole-chunk-padded text both kinds score the same tokens.
     """
-    k = _check_inputs(model, input_ids, labels, max_n, attention_mask)
-    sampler = sample_brier_continuations_ref if reference else sample_brier_continuations
-    samples = sampler(  # [B, L, 2, R*K]
+    if not reference:
+        noises = None if noise is None else [noise]
+        return score_calm_brier_seeds(
+            model, input_ids, labels=labels, max_n=max_n, generators=[generator], attention_mask=attention_mask,
+            lazy_decoding=lazy_decoding, noises=noises,
+        )[0]
+    _check_inputs(model, input_ids, labels, max_n, attention_mask)
+    samples = sample_brier_continuations_ref(  # [B, L, 2, R*K]
         model, input_ids, max_n=max_n, noise=noise, generator=generator, attention_mask=attention_mask
     )
-    if attention_mask is not None:  # padding is never a target
-        labels = (input_ids if labels is None else labels).masked_fill(attention_mask == 0, IGNORE_INDEX)
-    targets, valid = brier_targets(input_ids, labels, k, max_n)
+    targets, valid = _brier_targets_and_mask(model, input_ids, labels, max_n, attention_mask)
     targets, valid = targets.to(samples.device), valid.to(samples.device)
-    chunk_masks = brier_chunk_masks(attention_mask, k)
-    if chunk_masks is not None:
-        valid &= chunk_masks[1].to(valid.device)
     brier = brier_indicators(samples[:, :, 0, :max_n], samples[:, :, 1, :max_n], targets, max_n=max_n, mask=valid)
     return brier, valid
+
+
+@torch.no_grad()
+def score_calm_brier_seeds(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    max_n: int = BRIER_LM_MAX_N,
+    generators: Sequence[torch.Generator | None] = (None,),
+    attention_mask: torch.Tensor | None = None,
+    lazy_decoding: bool = True,
+    noises: Sequence[torch.Tensor] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`score_calm_brier` once per generator, sharing the backbone forward over the blocks (the fast path).
+
+    Entry g is what `score_calm_brier(model, input_ids, labels, max_n, generators[g], ...)` returns: the head
+    noise of pass g is drawn from `generators[g]` exactly as there. The hidden states (and, while K < max_n,
+    the KV cache) of the L chunks do not depend on the noise, so the backbone reads the blocks once; each pass
+    then samples and continues on its own (on a copy of the cache for every pass but the last). This is how
+    `evaluate_brier` scores one batch for all its seeds.
+
+    Decoding: only the first max_n tokens of a continuation are compared with the targets, so later ones are not
+    projected onto the vocabulary. With `lazy_decoding` (default), token t of a sample is projected only while it
+    can still change an estimate: while the sample agrees with the targets on tokens < t or with the other sample
+    (the prefix products of `brier_indicators`), at boundaries that count. The estimates are those of the full
+    decode, up to float rounding at argmax near-ties (the vocabulary projection runs on fewer rows); the saving
+    grows as the samples miss: on a model whose first tokens rarely hit or collide, ~(max_n - 1) / max_n of the
+    projections.
+
+    Args:
+        generators (sequence of `torch.Generator` or None): one sampling pass per entry.
+        noises (sequence of `torch.FloatTensor` `[B, L, 2, R, E]`, *optional*): explicit head noise per pass
+            instead of `generators` (tests).
+        Others: see `score_calm_brier`.
+
+    Returns:
+        A list of `(brier [B, L, max_n] float32, mask [B, L] bool)`, one per generator (or noise).
+    """
+    _check_inputs(model, input_ids, labels, max_n, attention_mask)
+    if noises is None:
+        generators = list(generators)
+        if not generators:
+            raise ValueError("generators must hold at least one torch.Generator (or None): one pass each.")
+        noises = [_prepare_noise(model, input_ids, max_n, None, generator) for generator in generators]
+    else:
+        noises = [_prepare_noise(model, input_ids, max_n, noise, None) for noise in noises]
+        if not noises:
+            raise ValueError("noises must hold at least one noise tensor [B, L, 2, R, E]: one pass each.")
+    targets, valid = _brier_targets_and_mask(model, input_ids, labels, max_n, attention_mask)
+    prefix = _BrierPrefix(model, input_ids, max_n, attention_mask)
+    targets, valid = targets.to(prefix.device), valid.to(prefix.device)
+    # An autoencoder with only decode_tokens (a test double) is decoded in full.
+    lazy = lazy_decoding and hasattr(model.autoencoder, "decoder_states")
+    results = []
+    for index, noise in enumerate(noises):
+        positions = prefix.positions
+        if lazy:
+            decode = _LazyDecoder(model, targets[:, :positions], valid[:, :positions])
+        else:
+            decode = _full_decoder(model, num_tokens=max_n)
+        samples = prefix.sample(model, noise, decode, keep_cache=index < len(noises) - 1)  # [B, L, 2, R*K]
+        brier = brier_indicators(samples[:, :, 0, :max_n], samples[:, :, 1, :max_n], targets, max_n=max_n, mask=valid)
+        results.append((brier, valid.clone()))
+    return results

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from modeling_calm.data_calm import train_bpe_tokenizer
-from tests.utils import WORDS, write_word_corpus
+from tests.utils import WORDS, word_tokenizer, write_word_corpus
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +74,46 @@ def test_bench_generate_tiny(tmp_path):
     checks = {c["check"] for c in report["checks"]}
     assert {"T=1 vs Llama default generate (batch 1)", "T=1 tokens/s at batch 1"} <= checks
     assert "| target | value | needed | met |" in stdout
+
+
+@pytest.mark.slow
+def test_bench_brier_tiny(tmp_path):
+    """BrierLM speed, CALM against the same-backbone Llama: a text tokenised into blocks (the last one padded),
+    both CALM paths (same numbers) and the Llama timed over 3 seeds, ratios in the same run, the profile."""
+    rng = random.Random(0)
+    text = tmp_path / "eval.jsonl"
+    text.write_text("".join(
+        json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80)))}) + "\n" for _ in range(8)
+    ))
+    word_tokenizer(WORDS).save_pretrained(tmp_path / "tokenizer")
+    out = tmp_path / "brier.json"
+    stdout = run_script("benchmarks/bench_brier.py", "--tiny", "--text", text, "--tokenizer", tmp_path / "tokenizer",
+                        "--max-blocks", "3", "--repeats", "2", "--profile", "--output", out, cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["results"]] == ["CALM", "CALM (per-seed, full decoding)", "Llama"]
+    data = report["data"]
+    assert data["num_blocks"] == 3 and data["block_size"] == 64 and data["blocks_in_source"] >= 3
+    for row in report["results"]:
+        assert row["tokens_per_second"] > 0 and row["seconds"] > 0
+        assert row["tokens_per_second"] == pytest.approx(3 * data["tokens_scored_per_seed"] / row["seconds"])
+    calm, baseline, llama = report["results"]
+    assert len(calm["all_seconds"]) == len(baseline["all_seconds"]) == 2 and len(llama["all_seconds"]) == 1
+    assert calm["num_positions_per_seed"] == baseline["num_positions_per_seed"] == 3 * (64 - 4) // 4
+    assert llama["num_positions_per_seed"] == 3 * (64 - 4)
+    assert calm["brier"] == baseline["brier"] and report["ratios"]["CALM paths give identical Brier numbers"]
+    assert 0 < calm["vocab_projection_rows"] < baseline["vocab_projection_rows"]
+    assert report["ratios"]["CALM / Llama tokens/s"] == pytest.approx(
+        calm["tokens_per_second"] / llama["tokens_per_second"]
+    )
+    shares = report["profile"]["calm_module_seconds"]["seconds"]
+    assert shares["backbone (transformer over chunks)"] > 0
+    assert shares["vocabulary projection (lm_head + argmax input)"] > 0
+    assert "| model | tokens/s |" in stdout and "| CALM / Llama tokens/s |" in stdout
+    assert "Llama top operators" in stdout
+
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_brier.py"), "--tiny", "--random-tokens",
+                          "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2 and "--random-tokens must be >= 1, got 0" in bad.stderr
 
 
 @pytest.mark.slow

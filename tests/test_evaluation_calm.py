@@ -247,6 +247,31 @@ def test_score_brier_protocol_dispatch():
     assert acc.compute()["brier_1"] == pytest.approx(draws[..., 0].mean().item())
 
 
+class SeedsProtocolModel(ProtocolModel):
+    """ProtocolModel with `score_brier_seeds`: one call per batch for all generators."""
+
+    def __init__(self, wrong_count: bool = False):
+        super().__init__()
+        self.seed_calls, self.wrong_count = [], wrong_count
+
+    def score_brier_seeds(self, input_ids, labels=None, max_n=4, generators=()):
+        self.seed_calls.append((input_ids.shape[0], len(generators)))
+        results = [ProtocolModel.score_brier(self, input_ids, labels, max_n, g) for g in generators]
+        return results[:-1] if self.wrong_count else results
+
+
+def test_score_brier_seeds_protocol_scores_each_batch_once_with_the_same_numbers():
+    blocks = {"input_ids": torch.zeros(5, 16, dtype=torch.long), "labels": torch.zeros(5, 16, dtype=torch.long)}
+    model = SeedsProtocolModel()
+    result = evaluate_brier(model, blocks, batch_size=2, seeds=(3, 4, 5), progress=False)
+    assert model.seed_calls == [(2, 3), (2, 3), (1, 3)]  # batch-major: every batch once, for all three seeds
+    assert model.training  # restored
+    # The same generators batch_seed(seed, i) as one pass per seed: the numbers of the plain protocol model.
+    assert result == evaluate_brier(ProtocolModel(), blocks, batch_size=2, seeds=(3, 4, 5), progress=False)
+    with pytest.raises(ValueError, match="one \\(brier, mask\\) per generator: got 2 for 3 generators"):
+        evaluate_brier(SeedsProtocolModel(wrong_count=True), blocks, batch_size=2, seeds=(3, 4, 5), progress=False)
+
+
 def test_batch_seed_depends_on_seed_and_batch_index_only():
     seeds = {batch_seed(seed, index) for seed in range(20) for index in range(200)}
     assert len(seeds) == 20 * 200 and all(0 <= s < 2**64 for s in seeds)
