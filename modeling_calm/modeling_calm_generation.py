@@ -462,12 +462,12 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
         )
 
     def _calm_step_runner(self, plan: CalmDecodingPlan, compiled: str | None, cache):
-        """The step function of this call and, in the CUDA-graph modes (`modeling_calm_graphs`), the block runner
-        (None for eager and plain torch.compile decoding)."""
+        """(step function, block runner, mode): the runner in the CUDA-graph modes (`modeling_calm_graphs`), else
+        None; the mode is the torch.compile mode the step runs under (None: eager)."""
         if compiled is None:
-            return type(self)._calm_step, None
+            return type(self)._calm_step, None, None
         if compiled not in GRAPH_MODES:
-            return _compiled_step(compiled), None
+            return _compiled_step(compiled), None, compiled
         state = self._calm_state
         if not graph_capable_cache(cache):
             logger.warning_once(
@@ -476,14 +476,14 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
                 "torch.compile('reduce-overhead') instead."
             )
             state.last_decoding = "compiled (reduce-overhead, static cache; sliding-window cache)"
-            return _compiled_step("reduce-overhead"), None
+            return _compiled_step("reduce-overhead"), None, "reduce-overhead"
         inner = GRAPH_MODES[compiled]
         step_fn = type(self)._calm_step if inner is None else _compiled_step(inner)
         capture = self.device.type == "cuda"
         state.last_decoding = (
             f"cuda graphs ({compiled}, static cache)" if capture else f"blocks ({compiled}, not recorded: no CUDA)"
         )
-        return step_fn, CalmBlockRunner(self, state, cache, step_fn, compiled, plan.temperature, capture)
+        return step_fn, CalmBlockRunner(self, state, cache, step_fn, compiled, plan.temperature, capture), compiled
 
     def _calm_decode(self, plan: CalmDecodingPlan, compiled: str | None, static: bool):
         """Prefill, then `steps` decoding steps. Returns (new tokens `[B, new]` after stop masking, latents)."""
@@ -495,8 +495,8 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
         cache, hidden, mask_at = self._calm_prefill(plan, static, reuse=run_compiled)
         step_positions = plan.num_chunks[None, :, None] + torch.arange(steps, device=device)[:, None, None]  # [G, B, 1]
 
-        step_fn, runner = self._calm_step_runner(plan, compiled, cache)
-        cudagraphs = run_compiled and runner is None and "reduce-overhead" in str(compiled) and device.type == "cuda"
+        step_fn, runner, mode = self._calm_step_runner(plan, compiled, cache)
+        cudagraphs = runner is None and "reduce-overhead" in str(mode) and device.type == "cuda"
         tokens_out = torch.empty(batch, steps * k, dtype=torch.long, device=device)
         latents_out = None
         if plan.want_latents:

@@ -250,3 +250,21 @@ def test_decode_tokens_on_cuda_with_an_unaligned_vocabulary_equals_the_full_argm
     latents = torch.randn(500, 1, model.config.latent_size, device="cuda")
     full = model.autoencoder.decode(latents).argmax(-1)
     assert torch.equal(model.autoencoder.decode_tokens(latents), full)
+
+
+def test_a_failing_block_run_falls_back_to_eager_from_the_same_random_state(monkeypatch):
+    from modeling_calm.modeling_calm_graphs import CalmBlockRunner
+
+    model = make_model()
+    ids, mask = left_pad(random_rows([6, 9], seed=8))
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=20, seed=5, temperature=0.5, num_candidates=6,
+                           **EAGER)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(CalmBlockRunner, "run", broken)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, seed=5, temperature=0.5, num_candidates=6,
+                         **BLOCKS)
+    assert model.calm_last_decoding == "eager (compile failed)" and torch.equal(out, eager)
+    assert model._calm_state.compile_failed and model._calm_state.static_cache is None
