@@ -6,29 +6,9 @@
 # PROFILE_ARGS (extra profile_decoding.py arguments), SKIP_BENCH=1 / SKIP_PROFILE=1 / SKIP_TESTS=1.
 # Results: OUT/environment.txt, OUT/tests.log, OUT/profile_decoding.{json,log}, OUT/bench_generate.{json,log}.
 set -u
-if [ $# -lt 1 ] || [ $# -gt 2 ]; then
-    echo "usage: bash benchmarks/gpu_decoding.sh OUT [WHEEL_DIR]" >&2; exit 2
-fi
-out=$1
-wheels=${2:-}
-if [ -n "$wheels" ] && ! ls "$wheels"/*.whl > /dev/null 2>&1; then
-    echo "WHEEL_DIR $wheels holds no .whl files" >&2; exit 2
-fi
-cd "$(dirname "$0")/.."
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if [ -n "$wheels" ]; then
-    site=$(mktemp -d)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl || exit 1
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-{
-    date -u +%Y-%m-%dT%H:%M:%SZ
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, \
-'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-} > "$out/environment.txt" 2>&1
-cat "$out/environment.txt"
+USAGE="bash benchmarks/gpu_decoding.sh OUT [WHEEL_DIR]"
+# shellcheck source=benchmarks/gpu_setup.sh
+source "$(dirname "$0")/gpu_setup.sh"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_modeling_calm_graphs.py > "$out/tests.log" 2>&1 \
         || echo "tests failed: see $out/tests.log"

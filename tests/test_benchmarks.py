@@ -343,6 +343,21 @@ def test_gpu_multi_sh_checks_its_arguments(tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("script", ["gpu_versions.sh", "gpu_decoding.sh"])
+@pytest.mark.parametrize("args, message", [
+    ([], "usage: bash benchmarks/{script} OUT [WHEEL_DIR]"),
+    (["out", "a", "b"], "usage: bash benchmarks/{script} OUT [WHEEL_DIR]"),
+    (["out", "{tmp}/no-wheels"], "holds no .whl files"),
+])
+def test_gpu_scripts_with_wheels_check_their_arguments(tmp_path, script, args, message):
+    (tmp_path / "no-wheels").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message.format(script=script) in result.stderr, result.stderr
+    assert not (ROOT / "out").exists() and not (tmp_path / "out").exists()  # nothing written
+
+
 def test_gpu_multi_sh_dry_run_lists_every_run_and_refuses_a_cpu(tmp_path):
     (tmp_path / "text.jsonl").write_text('{"text": "a"}\n')
     command = ["bash", str(ROOT / "benchmarks" / "gpu_multi.sh"), "text.jsonl", "out", "8"]
