@@ -108,6 +108,7 @@ class CalmDecodingState:
     compile_failed: bool = False  # compiling or running the compiled step failed once: stay eager
     graphs: dict = field(default_factory=dict)  # CUDA-graph blocks (`modeling_calm_graphs`) over `graphs_cache`
     graphs_cache: StaticCache | None = None  # the static cache the kept graphs were recorded over
+    graphs_weights: tuple | None = None  # the weights' addresses the kept graphs were recorded with
     graph_pool: tuple | None = None  # the memory pool all of this model's graphs share
     graph_stream: torch.cuda.Stream | None = None  # the side stream graphs are warmed up and recorded on
     last_decoding: str | None = None  # which path the last call took (`model.calm_last_decoding`)

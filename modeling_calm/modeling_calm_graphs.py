@@ -18,12 +18,14 @@ A call of G steps runs blocks of `NOISE_BLOCK_STEPS` steps, then the powers of t
 those of the head-noise blocks, so every step sees the random numbers it sees eagerly, and the tokens equal those of
 eager decoding with the same seed.
 
-Graphs are kept per model (in `CalmDecodingState.graphs`) for the static cache they were recorded over, share one
-memory pool, and are dropped when that cache is replaced. Recording needs plain static cache layers: a backbone
+Graphs are kept per model (in `CalmDecodingState.graphs`) for the static cache and the weight addresses they were
+recorded with, share one memory pool, and are dropped when either changes. Recording needs plain static cache layers: a backbone
 whose cache keeps host-side counters (sliding-window layers) is decoded by `torch.compile` instead.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from transformers.utils import logging
@@ -67,6 +69,12 @@ def graph_capable_cache(cache) -> bool:
     )
 
 
+def weight_addresses(model) -> tuple:
+    """Where every parameter and buffer of `model` lives (`data_ptr`, in module order): a recorded graph is valid
+    only while this is unchanged."""
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 class _CalmBlock:
     """S decoding steps over static buffers: run eagerly once (warm-up, a real block), then recorded and replayed."""
 
@@ -107,9 +115,12 @@ class CalmBlockRunner:
     def __init__(self, model, state, cache, step_fn, mode: str, temperature: float, capture: bool):
         self.model, self.state, self.cache, self.step_fn = model, state, cache, step_fn
         self.mode, self.temperature, self.capture = mode, temperature, capture
-        if state.graphs_cache is not cache:  # graphs recorded over another cache are stale
+        # Graphs read the weights and the cache at the addresses they were recorded with: after the weights moved
+        # (`model.cpu().cuda()`, adapters added or merged) or over another cache, they are stale.
+        weights = weight_addresses(model)
+        if state.graphs_cache is not cache or state.graphs_weights != weights:
             state.graphs.clear()
-            state.graphs_cache = cache
+            state.graphs_cache, state.graphs_weights = cache, weights
 
     def run(self, hidden, noise, uniforms, position, mask):
         """Decode `noise.shape[0]` steps from `hidden [B, D]` (`position [B, 1]`: the first step's positions).

@@ -268,3 +268,19 @@ def test_a_failing_block_run_falls_back_to_eager_from_the_same_random_state(monk
                          **BLOCKS)
     assert model.calm_last_decoding == "eager (compile failed)" and torch.equal(out, eager)
     assert model._calm_state.compile_failed and model._calm_state.static_cache is None
+
+
+def test_kept_graphs_are_dropped_when_the_weights_move():
+    """A graph reads the weights at their recorded addresses: after `model.to(...)` round trips (new storage) or a
+    new adapter, the kept blocks are rebuilt, and the tokens still equal eager decoding."""
+    model = make_model()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    model.generate(ids, max_new_tokens=5 * K, seed=0, **NO_STOPS, **BLOCKS)
+    state = model._calm_state
+    kept = dict(state.graphs)
+    model.generate(ids, max_new_tokens=5 * K, seed=0, **NO_STOPS, **BLOCKS)
+    assert all(state.graphs[key] is block for key, block in kept.items())  # same weights: kept
+    model.to(torch.float64).to(torch.float32)  # same dtype and device, new storage
+    out = model.generate(ids, max_new_tokens=5 * K, seed=0, **NO_STOPS, **BLOCKS)
+    assert not any(state.graphs.get(key) is block for key, block in kept.items())
+    assert torch.equal(out, model.generate(ids, max_new_tokens=5 * K, seed=0, **NO_STOPS, **EAGER))
