@@ -67,13 +67,14 @@ def test_bench_generate_tiny(tmp_path):
     rows = {(r["model"], r["batch_size"], r["temperature"]) for r in report["results"]}
     for batch in (1, 3):
         for temperature in (1.0, 0.5):
-            assert ("CALM", batch, temperature) in rows and ("CALM eager", batch, temperature) in rows
+            assert ("CALM (cudagraph)", batch, temperature) in rows and ("CALM eager", batch, temperature) in rows
         assert ("Llama generate (default)", batch, None) in rows
         assert ("Llama generate (static+compiled)", batch, None) in rows
     assert all(r["tokens_per_second"] > 0 and len(r["all_seconds"]) == 1 for r in report["results"])
     checks = {c["check"] for c in report["checks"]}
     assert {"T=1 vs Llama default generate (batch 1)", "T=1 tokens/s at batch 1"} <= checks
-    assert "| target | value | needed | met |" in stdout
+    assert {"first call, CALM (cudagraph) batch 3 T=0.5 (s)", "T=0.5 tokens/s at batch 1 (CALM (cudagraph))"} <= checks
+    assert "| target | value | needed | met |" in stdout and "first call s" in stdout
 
 
 @pytest.mark.slow
