@@ -10,8 +10,9 @@ decodes it into K tokens (`decode_tokens`, argmax), the K tokens are compressed 
 backbone advances one position with the KV cache. At T < 1 the head samples N latents per row in one call, all N
 are decoded and one is picked by the generalised Algorithm 2 (approximate method), or the head is called
 repeatedly by Algorithm 1 (exact method, eager only). All random numbers (the head's own noise, the pick's
-uniforms) are drawn outside the step, so eager and compiled decoding see the same numbers. On CUDA the step is
-one `torch.compile`d function over a reused `StaticCache`, with an eager fallback. Details: docs/generation.md.
+uniforms) are drawn outside the step, so eager and compiled decoding see the same numbers. On CUDA the steps run
+over a reused `StaticCache`, recorded in blocks as CUDA graphs (`modeling_calm_graphs`) or compiled with
+`torch.compile`, with an eager fallback. Details: docs/generation.md.
 
 Shape letters: those of `modeling_calm` (C prompt chunks, G decoding steps, N candidates per row).
 """
@@ -300,7 +301,9 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
             seed: shorthand for a fresh generator on the model's device seeded with it.
             output_latents: with `return_dict_in_generate=True`, also return the sampled latents `[B, G, Z]`.
             kwargs: more generation-config fields; `calm_*` names of the settings above; `calm_compile`
-                (None = on CUDA, True, False) and `calm_compile_mode` for the compiled decoding step.
+                (None = on CUDA, True, False) and `calm_compile_mode` (default "cudagraph": the decoding steps
+                recorded in CUDA graphs, see `modeling_calm_graphs`; "cudagraph+inductor"; or a torch.compile
+                mode for the step alone).
 
         Example:
 
