@@ -78,6 +78,15 @@ def test_blocks_keep_stop_tokens_streaming_and_criteria_of_eager_decoding():
         assert torch.equal(blocks, reference)
         assert (reference[0, ids.shape[1] :] == stop).any()
 
+    def after_seven_chunks(input_ids, scores):  # a stopping criterion firing inside the first block
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= ids.shape[1] + 7 * K, dtype=torch.bool)
+
+    kwargs = dict(attention_mask=mask, max_new_tokens=40 * K, seed=3, stopping_criteria=[after_seven_chunks],
+                  **NO_STOPS)
+    reference = model.generate(ids, **kwargs, **EAGER)
+    assert torch.equal(model.generate(ids, **kwargs, **BLOCKS), reference)
+    assert reference.shape[1] == ids.shape[1] + 7 * K
+
     class Collect(BaseStreamer):
         def __init__(self):
             self.chunks = []
