@@ -78,6 +78,30 @@ def test_bench_generate_tiny(tmp_path):
 
 
 @pytest.mark.slow
+def test_profile_decoding_tiny_times_every_part(tmp_path):
+    out = tmp_path / "profile.json"
+    stdout = run_script("benchmarks/profile_decoding.py", "--tiny", "--shapes", "1x1", "2x3", "--repeats", "2",
+                        "--output", out, cwd=tmp_path)
+    report = json.loads(out.read_text())
+    parts = {(r["batch"], r["N"], r["part"]): r["ms"] for r in report["parts"]}
+    for shape in ((1, 1), (2, 3)):
+        for part in ("backbone + embed_chunks (one chunk)", "head sample", "decode_tokens", "whole step (_calm_step)"):
+            assert parts[(*shape, part)] > 0
+    assert (2, 3, "selection (multiplicities, probabilities, pick)") in parts
+    assert (1, 1, "selection (multiplicities, probabilities, pick)") not in parts
+    assert set(report["weights_bytes"]) == {"backbone", "head", "autoencoder decoder + projection"}
+    assert "| batch | N | part | ms |" in stdout
+
+
+@pytest.mark.parametrize("shape, message", [("2", "is not BATCHxN"), ("ax2", "is not BATCHxN"),
+                                            ("0x3", "needs a positive batch and N")])
+def test_profile_decoding_refuses_a_bad_shape(tmp_path, shape, message):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_decoding.py"), "--tiny", "--shapes",
+                             shape], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and f"--shapes: {shape!r} {message}" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
 def test_bench_brier_tiny(tmp_path):
     """BrierLM speed, CALM against the same-backbone Llama: a text tokenised into blocks (the last one padded),
     both CALM paths (same numbers) and the Llama timed over 3 seeds, ratios in the same run, the profile."""
