@@ -25,8 +25,6 @@ whose cache keeps host-side counters (sliding-window layers) is decoded by `torc
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from transformers.utils import logging
 
@@ -72,7 +70,7 @@ def graph_capable_cache(cache) -> bool:
 def weight_addresses(model) -> tuple:
     """Where every parameter and buffer of `model` lives (`data_ptr`, in module order): a recorded graph is valid
     only while this is unchanged."""
-    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
 
 
 class _CalmBlock:
