@@ -15,7 +15,7 @@ docs/brierlm.md, "Speed"). `evaluation_calm` (not shipped) builds the causal-LM 
 
 Shape letters (besides those of `modeling_calm`): `...` any leading dimensions, R = ceil(max_n / K) head steps
 per sample, U scored positions (chunk boundaries for a CALM), and the estimator's `n_tokens >= max_n` tokens per
-continuation. Two samples per position. Per-position estimates lie in {-1, 0, 1, 2}: only means over many
+continuation. Two samples per position. Per-position estimates lie in {-1, 0, 1}: only means over many
 positions (and seeds) are meaningful.
 """
 
@@ -118,7 +118,7 @@ def brier_indicators(
 
     Returns:
         `torch.FloatTensor` of shape `[..., max_n]` (float32): entry `[..., n - 1]` is
-        1{x1[:n] = y[:n]} + 1{x2[:n] = y[:n]} - 1{x1[:n] = x2[:n]}, in {-1, 0, 1, 2}.
+        1{x1[:n] = y[:n]} + 1{x2[:n] = y[:n]} - 1{x1[:n] = x2[:n]}, in {-1, 0, 1}.
     """
     check_max_n(max_n)
     names = ("sample1", "sample2", "targets")

@@ -165,6 +165,8 @@ def test_fast_sampler_matches_reference(k, head_type, attn, length):
     brier_ref, mask_ref = model.score_brier_ref(ids, labels=labels, generator=torch.Generator().manual_seed(1))
     assert torch.equal(brier, brier_ref) and torch.equal(mask, mask_ref)
     assert brier.shape == (2, length // k, MAX_N) and brier.dtype == torch.float32
+    # Two samples, y the target: 1{x1 = y} + 1{x2 = y} - 1{x1 = x2} is -1, 0 or 1 (both right means x1 = x2).
+    assert set(brier[mask].unique().tolist()) <= {-1.0, 0.0, 1.0}
 
 
 def test_continuation_conditions_on_its_own_sampled_chunk():
