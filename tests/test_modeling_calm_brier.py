@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,7 +32,7 @@ from modeling_calm.modeling_calm_brier import (
 from modeling_calm.data_calm import train_bpe_tokenizer
 from modeling_calm.evaluation_calm import evaluate_brier
 from tests.utils import (
-    markov_brier, random_transition, run_without_package, sample_chain, single_thread, tiny_calm_config,
+    ToyHead, markov_brier, random_transition, run_without_package, sample_chain, single_thread, tiny_calm_config,
 )
 
 
@@ -56,24 +55,6 @@ def tiny_calm(k: int, head_type: str = "energy", seed: int = 0, **overrides) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # A toy CALM with a known, context-free chunk distribution
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class ToyHead(nn.Module):
-    """Context-free head: category c with probability probs[c] (inverse CDF of the first noise coordinate),
-    returned as the one-hot latent of c. Same noise interface as the energy head."""
-
-    def __init__(self, probs: torch.Tensor, noise_size: int, latent_size: int):
-        super().__init__()
-        self.register_buffer("cdf", probs.double().cumsum(0))
-        self.noise_size, self.latent_size = noise_size, latent_size
-
-    def draw_noise(self, shape, *, device=None, generator=None):
-        return torch.rand((*shape, self.noise_size), device=device, generator=generator) - 0.5
-
-    def sample(self, hidden_states, noise=None, generator=None):
-        u = (noise[..., 0].double() + 0.5) * self.cdf[-1]
-        category = torch.searchsorted(self.cdf, u.contiguous(), right=True).clamp(max=self.cdf.numel() - 1)
-        return F.one_hot(category, self.latent_size).to(hidden_states.dtype)
 
 
 class ToyDecoder(nn.Module):

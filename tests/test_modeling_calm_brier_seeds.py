@@ -10,7 +10,6 @@ positions reference in test_modeling_calm_brier.py), then `brier_indicators`. Co
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modeling_calm import CalmForCausalLM
@@ -26,7 +25,7 @@ from modeling_calm.modeling_calm_brier import (
     score_calm_brier,
     score_calm_brier_seeds,
 )
-from tests.utils import tiny_calm_config
+from tests.utils import ToyHead, tiny_calm_config
 
 
 MAX_N = 4
@@ -187,23 +186,6 @@ def test_decode_tokens_keeps_the_first_tokens_of_each_chunk():
 # ----------------------------------------------------------------------------------------------------------------
 # Lazy decoding where samples hit and collide often: a context-free toy CALM
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class ToyHead(nn.Module):
-    """Category c with probability probs[c] (inverse CDF of the first noise coordinate), as its one-hot latent."""
-
-    def __init__(self, probs, noise_size: int, latent_size: int):
-        super().__init__()
-        self.register_buffer("cdf", torch.tensor(probs, dtype=torch.float64).cumsum(0))
-        self.noise_size, self.latent_size = noise_size, latent_size
-
-    def draw_noise(self, shape, *, device=None, generator=None):
-        return torch.rand((*shape, self.noise_size), device=device, generator=generator) - 0.5
-
-    def sample(self, hidden_states, noise=None, generator=None):
-        u = (noise[..., 0].double() + 0.5) * self.cdf[-1]
-        category = torch.searchsorted(self.cdf, u.contiguous(), right=True).clamp(max=self.cdf.numel() - 1)
-        return F.one_hot(category, self.latent_size).to(hidden_states.dtype)
 
 
 class ToyAutoencoder(nn.Module):

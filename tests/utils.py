@@ -192,3 +192,21 @@ def word_tokenizer(words: list[str]):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>", pad_token="<pad>")
+
+
+class ToyHead(torch.nn.Module):
+    """Context-free generative head for BrierLM tests: category c with probability probs[c] (inverse CDF of the
+    first noise coordinate), returned as the one-hot latent of c. Same noise interface as the energy head."""
+
+    def __init__(self, probs, noise_size: int, latent_size: int):
+        super().__init__()
+        self.register_buffer("cdf", torch.as_tensor(probs, dtype=torch.float64).cumsum(0))
+        self.noise_size, self.latent_size = noise_size, latent_size
+
+    def draw_noise(self, shape, *, device=None, generator=None):
+        return torch.rand((*shape, self.noise_size), device=device, generator=generator) - 0.5
+
+    def sample(self, hidden_states, noise=None, generator=None):
+        u = (noise[..., 0].double() + 0.5) * self.cdf[-1]
+        category = torch.searchsorted(self.cdf, u.contiguous(), right=True).clamp(max=self.cdf.numel() - 1)
+        return torch.nn.functional.one_hot(category, self.latent_size).to(hidden_states.dtype)
