@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
-from .modeling_calm_graphs import GRAPH_MODES, CalmBlockRunner, block_sizes, graph_capable_cache
+from .modeling_calm_graphs import GRAPH_MODES, CalmBlockRunner, block_sizes, check_compile_mode, graph_capable_cache
 from .modeling_calm_generation_settings import (
     CALM_GENERATION_DEFAULTS,
     NOISE_BLOCK_STEPS,
@@ -356,6 +356,7 @@ class CalmGenerationMixin(CalmGenerationSettingsMixin):
         again eagerly from the same random state. Returns (new tokens `[B, new]`, latents or None)."""
         state = self._calm_state
         static = gc.cache_implementation == "static"
+        check_compile_mode(settings["calm_compile_mode"])
         use_compile = settings["calm_compile"]
         if use_compile is None:
             use_compile = self.device.type == "cuda" and not gc.disable_compile

@@ -19,8 +19,9 @@ those of the head-noise blocks, so every step sees the random numbers it sees ea
 eager decoding with the same seed.
 
 Graphs are kept per model (in `CalmDecodingState.graphs`) for the static cache and the weight addresses they were
-recorded with, share one memory pool, and are dropped when either changes. Recording needs plain static cache layers: a backbone
-whose cache keeps host-side counters (sliding-window layers) is decoded by `torch.compile` instead.
+recorded with, share one memory pool, and are dropped when either changes. Recording needs plain static cache
+layers: a backbone whose cache keeps host-side counters (sliding-window layers) is decoded by `torch.compile`
+instead.
 """
 
 from __future__ import annotations
@@ -31,13 +32,29 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["GRAPH_MODES", "CalmBlockRunner", "block_sizes", "graph_capable_cache"]
+__all__ = ["GRAPH_MODES", "CalmBlockRunner", "block_sizes", "check_compile_mode", "graph_capable_cache"]
 
 # Mode -> the torch.compile mode of the step inside the graphs (None: the eager step).
 GRAPH_MODES = {"cudagraph": None, "cudagraph+inductor": "default"}
 # Graphs a model keeps at most (each a batch size, cache length, temperature, N, block size and mask layout); beyond
 # it the oldest is dropped.
 MAX_GRAPHS = 48
+
+
+# torch.compile's own modes (`torch.compile(mode=...)`), besides "backend:NAME" and the graph modes above.
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode) -> None:
+    """`calm_compile_mode` must be a graph mode, a torch.compile mode or "backend:NAME" (a typo would otherwise only
+    show as a failed compile and a silent switch to eager decoding)."""
+    known = (*GRAPH_MODES, *TORCH_COMPILE_MODES)
+    if isinstance(mode, str) and (mode in known or (mode.startswith("backend:") and len(mode) > len("backend:"))):
+        return
+    raise ValueError(
+        f"calm_compile_mode must be one of {', '.join(map(repr, known))} or 'backend:NAME' (a torch.compile "
+        f"backend), got {mode!r}."
+    )
 
 
 def block_sizes(steps: int, largest: int) -> list[int]:
@@ -177,7 +194,9 @@ class CalmBlockRunner:
             self.state.graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA work during the recording neither fails nor joins it.
-        with torch.cuda.graph(graph, pool=self.state.graph_pool, stream=self._stream(), capture_error_mode="thread_local"):
+        with torch.cuda.graph(
+            graph, pool=self.state.graph_pool, stream=self._stream(), capture_error_mode="thread_local"
+        ):
             block.body()
         block.graph = graph
         logger.info(f"CALM recorded a CUDA graph of {block.size} decoding steps ({self.mode}).")

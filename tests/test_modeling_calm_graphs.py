@@ -293,3 +293,10 @@ def test_kept_graphs_are_dropped_when_the_weights_move():
     out = model.generate(ids, max_new_tokens=5 * K, seed=0, **NO_STOPS, **BLOCKS)
     assert not any(state.graphs.get(key) is block for key, block in kept.items())
     assert torch.equal(out, model.generate(ids, max_new_tokens=5 * K, seed=0, **NO_STOPS, **EAGER))
+
+
+@pytest.mark.parametrize("mode", ["cudagraphs", "reduce_overhead", "", "backend:", 3, None])
+def test_an_unknown_compile_mode_is_a_value_error_naming_the_choices(model, mode):
+    with pytest.raises(ValueError, match="calm_compile_mode must be one of 'cudagraph', 'cudagraph\\+inductor'"):
+        model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, seed=0, calm_compile=True,
+                       calm_compile_mode=mode)
