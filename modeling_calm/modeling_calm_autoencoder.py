@@ -28,6 +28,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
 from .configuration_calm import CalmAutoencoderConfig
+from .modeling_calm_kernels import projection_argmax, projection_argmax_supported
 
 
 logger = logging.get_logger(__name__)
@@ -108,6 +109,10 @@ def split_argmax_projection(
     main_index, rest_index = main.argmax(-1, keepdim=True), rest.argmax(-1, keepdim=True)
     rest_wins = rest.gather(-1, rest_index) > main.gather(-1, main_index)
     return torch.where(rest_wins, rest_index + split, main_index)[:, 0]
+
+
+# The Triton kernel runs as it is inside a compiled decoding step (a graph break), not traced by dynamo.
+_compiler_free_projection_argmax = torch.compiler.disable(projection_argmax)
 
 
 class CalmRMSNorm(nn.Module):
@@ -226,6 +231,10 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
     """Chunk autoencoder of CALM. Usable alone, e.g. as a chunk embedding model (`encode(...)[0]`)."""
 
     _tied_weights_keys = {"lm_head.weight": "encoder.embed_tokens.weight"}
+    # `decode_tokens`/`argmax_tokens` on CUDA with Triton, bf16/fp16: project and take the argmax in one kernel
+    # (`modeling_calm_kernels.projection_argmax`), the logits never in memory. Set False on an instance for
+    # torch's product followed by `argmax`; the tokens differ only where two logits are equal up to rounding.
+    fused_projection_argmax: bool = True
 
     def __init__(self, config: CalmAutoencoderConfig):
         super().__init__(config)
@@ -297,7 +306,9 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
 
         The vocabulary projection runs in row blocks of at most `max_logits_per_block` logits, in the model's dtype,
         each reduced by argmax at once, so the float logits of all latents never exist together. Same tokens as
-        `decode(latents).argmax(-1)`.
+        `decode(latents).argmax(-1)`. On CUDA with Triton, in bf16 or fp16, one fused kernel projects and reduces
+        without writing any logit (`fused_projection_argmax`); its tokens can differ from the unfused ones only
+        where two logits are equal up to one rounding step of the dtype.
 
         `num_tokens` (1..K, default K) keeps only the first `num_tokens` tokens of every chunk: `[..., L *
         num_tokens]`, the same tokens as the full decode at those places, without projecting the others onto
@@ -328,8 +339,20 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
     def argmax_tokens(self, states: torch.Tensor, max_logits_per_block: int = MAX_LOGITS_PER_BLOCK) -> torch.Tensor:
         """Argmax token of every decoder state `[M, H]` -> `[M]`, projected in row blocks of at most
         `max_logits_per_block` logits (see `decode_tokens`)."""
+        if self._fuses_projection(states):
+            return _compiler_free_projection_argmax(states, self.lm_head.weight)
         rows = max(1, max_logits_per_block // self.config.vocab_size)
         return torch.cat([self._argmax_tokens(part) for part in states.split(rows)])
+
+    def _fuses_projection(self, states: torch.Tensor) -> bool:
+        head = self.lm_head
+        return (
+            self.fused_projection_argmax
+            and type(head) is nn.Linear
+            and head.bias is None
+            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+            and projection_argmax_supported(states, head.weight)
+        )
 
     def _argmax_tokens(self, hidden: torch.Tensor) -> torch.LongTensor:
         """`argmax(lm_head(hidden), -1)` for `[R, H]`: on CUDA, with an unaligned vocabulary and a plain Linear, as

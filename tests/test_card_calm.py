@@ -333,7 +333,7 @@ def test_push_calm_to_hub_from_a_model_writes_a_default_card(hub):
     push_calm_to_hub(CalmAutoencoder(tiny_autoencoder_config()), "calm-org/ae-tiny", validate_card=False)
     (commit,) = hub.commits
     assert set(commit.files) == {"config.json", "model.safetensors", "configuration_calm.py",
-                                 "modeling_calm_autoencoder.py", "README.md"}
+                                 "modeling_calm_autoencoder.py", "modeling_calm_kernels.py", "README.md"}
     readme = commit.files["README.md"].decode()
     assert ModelCard(readme).data.model_name == "ae-tiny"
     assert 'AutoModel.from_pretrained("calm-org/ae-tiny", trust_remote_code=True)' in readme

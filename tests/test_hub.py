@@ -38,7 +38,9 @@ def test_shipped_code_files_are_pinned(saved_model, tmp_path):
     assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "generation_config.json"}
     ae_folder = tmp_path / "ae"
     CalmAutoencoder(tiny_autoencoder_config()).save_pretrained(ae_folder)
-    assert _code_files(ae_folder) == {"configuration_calm.py", "modeling_calm_autoencoder.py"}
+    assert _code_files(ae_folder) == {
+        "configuration_calm.py", "modeling_calm_autoencoder.py", "modeling_calm_kernels.py"
+    }
     assert json.loads((ae_folder / "config.json").read_text())["auto_map"]["AutoModel"] == (
         "modeling_calm_autoencoder.CalmAutoencoder"
     )

@@ -31,6 +31,7 @@ SHIPPED_CALM_FILES = {
     "modeling_calm_generation_settings.py",
     "modeling_calm_graphs.py",
     "modeling_calm_heads.py",
+    "modeling_calm_kernels.py",
     "modeling_calm_sampling.py",
 }
 
