@@ -48,14 +48,18 @@ def blocked(fn, hidden: torch.Tensor, rows_per_block: int) -> torch.Tensor:
 
 
 def candidate_configs(rows: int, hidden_size: int):
-    """Launch configurations worth trying for `rows`: (block_m, block_n, block_k, warps, stages, programs/SM)."""
-    if rows <= 1024:
-        grid = itertools.product([16] if rows <= 16 else [16, 64], [64, 128, 256], [64, 128], [4], [3], [4, 8])
+    """Launch configurations worth trying for `rows`: (block_m, block_n, block_k, warps, stages, programs per SM,
+    packed epilogue)."""
+    packed = [True, False]
+    if rows <= 16:
+        grid = itertools.product([16], [64, 128], [64, 128], [4], [3, 4], [8], packed)
+    elif rows <= 1024:
+        grid = itertools.product([32, 64], [64, 128], [64], [4], [3], [4, 8], packed)
     else:
         grid = itertools.chain(
-            itertools.product([128], [128, 256], [64, 128], [4, 8], [3, 4], [4]),
-            itertools.product([128], [128], [64], [8], [3], [2, 8]),
-            itertools.product([64], [128, 256], [64], [4], [3], [4]),
+            itertools.product([128], [128, 256], [64], [4, 8], [3, 4], [8, 16], packed),
+            itertools.product([256], [128], [64], [8], [3], [8], packed),
+            itertools.product([128], [128], [32], [8], [4], [8], packed),
         )
     for config in grid:
         if hidden_size % config[2] == 0:

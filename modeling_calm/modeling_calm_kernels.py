@@ -53,19 +53,26 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PACKED: tl.constexpr,
+        LOW_BITS: tl.constexpr,
     ):
         # Program (m, s): rows [m * BLOCK_M, (m + 1) * BLOCK_M) against vocabulary tiles [s * tiles_per_split,
-        # (s + 1) * tiles_per_split) of BLOCK_N tokens; writes the rows' best rounded logit and its token for split s.
+        # (s + 1) * tiles_per_split) of BLOCK_N tokens; writes, for split s, each row's best rounded logit (PACKED:
+        # as an order-preserving int32 key) and its token.
         row_block = tl.program_id(0)
         split = tl.program_id(1)
         offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = offs_m < rows
         offs_k = tl.arange(0, BLOCK_K)
-        best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        local = tl.arange(0, BLOCK_N)
+        if PACKED:
+            best = tl.full([BLOCK_M], -2147483648, tl.int32)
+        else:
+            best = tl.full([BLOCK_M], float("-inf"), tl.float32)
         best_index = tl.zeros([BLOCK_M], tl.int32)
-        first = split * tiles_per_split
-        for tile in range(first, first + tiles_per_split):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        for step in range(0, tiles_per_split):
+            tile = split * tiles_per_split + step
+            offs_n = tile * BLOCK_N + local
             col_mask = offs_n < vocab
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k in range(0, HIDDEN, BLOCK_K):
@@ -80,11 +87,24 @@ if triton is not None:
                     other=0.0,
                 )
                 acc = tl.dot(h, tl.trans(w), acc)
-            # Round as torch's product does before comparing; tokens past the vocabulary never win.
-            logits = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32)
-            logits = tl.where(col_mask[None, :], logits, float("-inf"))
-            tile_best = tl.max(logits, axis=1)
-            tile_index = tl.argmax(logits, axis=1)  # the first of equal maxima
+            # Round as torch's product does before comparing (+ 0.0 turns -0 into +0, which torch finds equal).
+            logits = acc.to(hidden_ptr.dtype.element_ty).to(tl.float32) + 0.0
+            if PACKED:
+                # A rounded logit's float32 bits end in LOW_BITS zeros. Their order-preserving integer (negative
+                # floats: magnitude bits flipped) keeps the value in the high bits; the low bits take
+                # (2^LOW_BITS - 1 - column), so one max gives the largest value and, among equal values, the first
+                # column. Columns past the vocabulary get the smallest key.
+                bits = logits.to(tl.int32, bitcast=True)
+                ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+                key = ((ordered >> LOW_BITS) << LOW_BITS) | ((1 << LOW_BITS) - 1 - local)[None, :]
+                key = tl.where(col_mask[None, :], key, -2147483648)
+                tile_key = tl.max(key, axis=1)
+                tile_best = tile_key >> LOW_BITS
+                tile_index = (1 << LOW_BITS) - 1 - (tile_key & ((1 << LOW_BITS) - 1))
+            else:
+                logits = tl.where(col_mask[None, :], logits, float("-inf"))
+                tile_best = tl.max(logits, axis=1)
+                tile_index = tl.argmax(logits, axis=1)  # the first of equal maxima
             better = tile_best > best  # strictly: an earlier tile keeps a tie
             best = tl.where(better, tile_best, best)
             best_index = tl.where(better, tile * BLOCK_N + tile_index, best_index)
@@ -110,11 +130,15 @@ def projection_argmax_supported(hidden: torch.Tensor, weight: torch.Tensor) -> b
     )
 
 
-def _launch_config(rows: int, hidden_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for `rows` decoder states of `hidden_size`."""
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
-    block_k = next(size for size in (64, 32, 16) if hidden_size % size == 0)
-    return block_m, 128, block_k, 4 if block_m <= 64 else 8
+def _launch_config(rows: int, hidden_size: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM) for `rows` decoder states of
+    `hidden_size`: the fastest of `benchmarks/bench_projection_argmax.py`'s sweep on an H200 (docs/RESULTS.md)."""
+    block_k = 128 if rows <= 16 and hidden_size % 128 == 0 else next(k for k in (64, 32, 16) if hidden_size % k == 0)
+    if rows <= 16:
+        return 16, 64, block_k, 4, 3, 8
+    if rows <= 1024:
+        return 64 if rows > 32 else 32, 128, block_k, 4, 3, 8
+    return 128, 128, block_k, 8, 3, 8
 
 
 def projection_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.LongTensor:
@@ -141,6 +165,7 @@ def _launch(
     num_warps: int,
     num_stages: int = 3,
     programs_per_sm: int = _PROGRAMS_PER_SM,
+    packed: bool = True,
 ) -> torch.LongTensor:
     """The kernel at one launch configuration (`benchmarks/bench_projection_argmax.py` compares them)."""
     rows, hidden_size = hidden.shape
@@ -151,7 +176,7 @@ def _launch(
     splits = max(1, min(tiles, programs_per_sm * processors // row_blocks))
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)
-    best = torch.empty(splits, rows, dtype=torch.float32, device=hidden.device)
+    best = torch.empty(splits, rows, dtype=torch.int32 if packed else torch.float32, device=hidden.device)
     index = torch.empty(splits, rows, dtype=torch.int32, device=hidden.device)
     _projection_argmax_kernel[(row_blocks, splits)](
         hidden,
@@ -167,6 +192,8 @@ def _launch(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PACKED=packed,
+        LOW_BITS=16 if hidden.dtype == torch.bfloat16 else 13,  # float32 bits below a bf16 / fp16 significand
         num_warps=num_warps,
         num_stages=num_stages,
     )
