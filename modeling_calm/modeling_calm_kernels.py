@@ -133,12 +133,12 @@ def projection_argmax_supported(hidden: torch.Tensor, weight: torch.Tensor) -> b
 def _launch_config(rows: int, hidden_size: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM) for `rows` decoder states of
     `hidden_size`: the fastest of `benchmarks/bench_projection_argmax.py`'s sweep on an H200 (docs/RESULTS.md)."""
-    block_k = 128 if rows <= 16 and hidden_size % 128 == 0 else next(k for k in (64, 32, 16) if hidden_size % k == 0)
+    block_k = next(k for k in ((32,) if rows > 1024 else ()) + (64, 32, 16) if hidden_size % k == 0)
     if rows <= 16:
-        return 16, 64, block_k, 4, 3, 8
+        return 16, 128, block_k, 4, 4, 8
     if rows <= 1024:
-        return 64 if rows > 32 else 32, 128, block_k, 4, 3, 8
-    return 128, 128, block_k, 8, 3, 8
+        return 64 if rows > 32 else 32, 64, block_k, 4, 3, 4
+    return 128, 128, block_k, 8, 4, 8
 
 
 def projection_argmax(hidden: torch.Tensor, weight: torch.Tensor) -> torch.LongTensor:
