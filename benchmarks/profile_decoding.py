@@ -161,7 +161,7 @@ def main():
             "backbone + embed_chunks (one chunk)": (lambda: model._calm_advance(tokens, cache, position, None), reset),
             "head sample": (lambda: model.head.sample(expanded, noise=noise.reshape(cands, -1)), None),
             "decode_tokens": (lambda: model.autoencoder.decode_tokens(latents[:, None]), None),
-            "  of which projection GEMM only": (lambda: model.autoencoder.lm_head(decoded), None),
+            "  of which projection + argmax (argmax_tokens)": (lambda: model.autoencoder.argmax_tokens(decoded), None),
         }
         if num > 1:
             parts["selection (multiplicities, probabilities, pick)"] = (

@@ -235,6 +235,10 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
     # (`modeling_calm_kernels.projection_argmax`), the logits never in memory. Set False on an instance for
     # torch's product followed by `argmax`; the tokens differ only where two logits are equal up to rounding.
     fused_projection_argmax: bool = True
+    # Row counts (exclusive, inclusive] for which torch's aligned product + argmax beat the kernel on an H200
+    # (0.358 against 0.381 ms at 800 rows, batch 1 with N = 200; `benchmarks/bench_projection_argmax.py`): those
+    # stay unfused. Fewer rows (T = 1) or more (batches of candidates) go through the kernel.
+    unfused_projection_rows: tuple[int, int] = (16, 1024)
 
     def __init__(self, config: CalmAutoencoderConfig):
         super().__init__(config)
@@ -348,6 +352,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         head = self.lm_head
         return (
             self.fused_projection_argmax
+            and not self.unfused_projection_rows[0] < states.shape[0] <= self.unfused_projection_rows[1]
             and type(head) is nn.Linear
             and head.bias is None
             and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))

@@ -100,12 +100,15 @@ INTERPRETED = textwrap.dedent(
     ae_module._compiler_free_projection_argmax = lambda h, w: calls.append(h.shape[0]) or fused(h, w)
     torch.manual_seed(0)
     model = CalmAutoencoder(tiny_autoencoder_config(vocab_size=300)).eval().half()
-    latents = torch.randn(6, 3, 8).half()
+    latents = torch.randn(100, 3, 8).half()
     tokens = model.decode_tokens(latents)
-    results["autoencoder"] = [torch.equal(tokens, model.decode(latents).argmax(-1)), calls]
+    results["autoencoder"] = [torch.equal(tokens, model.decode(latents).argmax(-1)), list(calls)]
+    few = torch.randn(2, 1, 8).half()  # 8 rows: fused too
+    results["few"] = [torch.equal(model.decode_tokens(few), model.decode(few).argmax(-1)), list(calls)]
+    model.decode_tokens(latents[:50])  # 600 rows: torch's product is faster there, unfused
     model.fused_projection_argmax = False
     model.decode_tokens(latents)
-    results["switched_off"] = calls
+    results["unfused"] = calls
     print(json.dumps(results))
     """
 )
@@ -127,8 +130,9 @@ def test_interpreted_kernel_equals_torch_with_its_tie_and_rounding_rules():
     assert results["repeated"] == [True, True]
     assert results["rounding"] == [[3], [3]]
     assert results["empty"] == [0]
-    assert results["autoencoder"] == [True, [18 * 4]]  # one launch for all 18 latents x K = 4 states
-    assert results["switched_off"] == [18 * 4]  # no further launch once switched off
+    assert results["autoencoder"] == [True, [300 * 4]]  # one launch for all 300 latents x K = 4 states
+    assert results["few"] == [True, [300 * 4, 2 * 4]]
+    assert results["unfused"] == [300 * 4, 2 * 4]  # none for 600 rows, none once switched off
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ def test_cuda_kernel_equals_torch_except_at_rounding_ties_at_calm_m_shapes(rows)
 def test_bf16_decoding_with_the_fused_kernel_equals_eager_decoding_on_cuda(mode):
     from tests.utils import NO_STOPS, left_pad, make_model, random_rows
 
-    model = make_model().cuda().to(torch.bfloat16)  # hidden 32: the kernel decodes every candidate
+    model = make_model().cuda().to(torch.bfloat16)
+    model.autoencoder.unfused_projection_rows = (0, 0)  # the kernel decodes every step's 3 x 7 x K candidates
     assert model.autoencoder._fuses_projection(torch.zeros(1, 32, device="cuda", dtype=torch.bfloat16))
     ids, mask = left_pad(random_rows([5, 11, 8], seed=4))
     kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=21 * 4, temperature=0.5, num_candidates=7, seed=3,
