@@ -126,7 +126,8 @@ def projection_argmax_supported(hidden: torch.Tensor, weight: torch.Tensor) -> b
         and hidden.shape[1] == weight.shape[1]
         and hidden.shape[1] % 16 == 0
         and weight.stride(1) == 1
-        and weight.shape[0] < 2**31
+        and hidden.numel() < 2**31  # the kernel's offsets are 32-bit
+        and weight.shape[0] * weight.stride(0) < 2**31
     )
 
 
@@ -178,25 +179,27 @@ def _launch(
     splits = triton.cdiv(tiles, tiles_per_split)
     best = torch.empty(splits, rows, dtype=torch.int32 if packed else torch.float32, device=hidden.device)
     index = torch.empty(splits, rows, dtype=torch.int32, device=hidden.device)
-    _projection_argmax_kernel[(row_blocks, splits)](
-        hidden,
-        weight,
-        best,
-        index,
-        rows,
-        vocab,
-        tiles_per_split,
-        hidden.stride(0),
-        weight.stride(0),
-        HIDDEN=hidden_size,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        PACKED=packed,
-        LOW_BITS=16 if hidden.dtype == torch.bfloat16 else 13,  # float32 bits below a bf16 / fp16 significand
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    with torch.cuda.device(hidden.device if hidden.is_cuda else -1):  # -1: no-op (the interpreter)
+        _projection_argmax_kernel[(row_blocks, splits)](
+            hidden,
+            weight,
+            best,
+            index,
+            rows,
+            vocab,
+            tiles_per_split,
+            hidden.stride(0),
+            weight.stride(0),
+            HIDDEN=hidden_size,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            PACKED=packed,
+            LOW_BITS=16 if hidden.dtype == torch.bfloat16 else 13,  # float32 bits below a bf16 / fp16 significand
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     # Splits cover increasing token ranges: the first split holding the maximum holds its lowest token.
     winner = best.argmax(0, keepdim=True)  # [1, R]
     return index.gather(0, winner)[0].long()
