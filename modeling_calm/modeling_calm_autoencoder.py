@@ -348,15 +348,21 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         rows = max(1, max_logits_per_block // self.config.vocab_size)
         return torch.cat([self._argmax_tokens(part) for part in states.split(rows)])
 
-    def _fuses_projection(self, states: torch.Tensor) -> bool:
+    def _plain_lm_head(self) -> bool:
+        """Whether `lm_head` is a bare `nn.Linear` (no hooks, no accelerate offload hook), so its weight may be
+        multiplied directly instead of calling the module."""
         head = self.lm_head
+        return type(head) is nn.Linear and not (
+            head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook")
+        )
+
+    def _fuses_projection(self, states: torch.Tensor) -> bool:
         return (
             self.fused_projection_argmax
             and not self.unfused_projection_rows[0] < states.shape[0] <= self.unfused_projection_rows[1]
-            and type(head) is nn.Linear
-            and head.bias is None
-            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
-            and projection_argmax_supported(states, head.weight)
+            and self._plain_lm_head()
+            and self.lm_head.bias is None
+            and projection_argmax_supported(states, self.lm_head.weight)
         )
 
     def _argmax_tokens(self, hidden: torch.Tensor) -> torch.LongTensor:
@@ -366,8 +372,7 @@ class CalmAutoencoder(CalmAutoencoderPreTrainedModel):
         head = self.lm_head
         vocab = head.weight.shape[0]
         aligned = vocab - vocab % VOCAB_ALIGNMENT
-        plain = type(head) is nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
-        if not (hidden.is_cuda and vocab % 8 and aligned and plain and not hasattr(head, "_hf_hook")):
+        if not (hidden.is_cuda and vocab % 8 and aligned and self._plain_lm_head()):
             return head(hidden).argmax(-1)
         return split_argmax_projection(hidden, head.weight, head.bias, aligned)
 

@@ -87,6 +87,19 @@ INTERPRETED = textwrap.dedent(
     weight[3, 0] = 1024
     weight[200, 0], weight[200, 1] = 1024, 0.5
     results["rounding"] = [projection_argmax(hidden, weight).tolist(), F.linear(hidden, weight).argmax(-1).tolist()]
+    # Refused, with the rule named: float32, a hidden size that is not a multiple of 16, a column-major weight.
+    good = torch.zeros(3, 32).half()
+    results["refused"] = [
+        projection_argmax_supported(good.float(), torch.zeros(50, 32)),
+        projection_argmax_supported(torch.zeros(3, 24).half(), torch.zeros(50, 24).half()),
+        projection_argmax_supported(good, torch.zeros(32, 50).half().t()),
+        projection_argmax_supported(good, torch.zeros(50, 32).half()),
+    ]
+    try:
+        projection_argmax(good.float(), torch.zeros(50, 32))
+        results["refusal_error"] = None
+    except ValueError as error:
+        results["refusal_error"] = str(error)
     # No rows: an empty answer.
     results["empty"] = list(projection_argmax(torch.zeros(0, 16).half(), weight).shape)
 
@@ -130,6 +143,8 @@ def test_interpreted_kernel_equals_torch_with_its_tie_and_rounding_rules():
     assert results["repeated"] == [True, True]
     assert results["rounding"] == [[3], [3]]
     assert results["empty"] == [0]
+    assert results["refused"] == [False, False, False, True]
+    assert "H a multiple of 16; got hidden (3, 32) torch.float32" in results["refusal_error"]
     assert results["autoencoder"] == [True, [300 * 4]]  # one launch for all 300 latents x K = 4 states
     assert results["few"] == [True, [300 * 4, 2 * 4]]
     assert results["unfused"] == [300 * 4, 2 * 4]  # none for 600 rows, none once switched off
